@@ -1,0 +1,116 @@
+"""Export an adapted model in PEFT's LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+``peft.PeftModel.from_pretrained(base_model, path)`` then rebuilds the same function:
+- LoRA as is (Linear and Embedding);
+- DoRA with ``use_dora: true`` and the magnitude as ``lora_magnitude_vector``;
+- SoRA as plain LoRA: ranks with a zero gate are dropped, the gate is folded into B, and each
+  module's rank (and the alpha that keeps its scaling) goes into ``rank_pattern``/``alpha_pattern``;
+- modules listed in ``modules_to_save`` (the task head) as full weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .base import AdapterLayer
+from .dora import DoraLinear
+from .gumbel import GumbelLinear
+from .inject import SAVED_ATTR
+from .lora import LoraEmbedding
+from .model_ops import adapter_layers
+from .sora import SoraLinear
+
+PREFIX = "base_model.model."
+
+
+def _peft_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as PEFT would hold them; SoRA's live gate is folded into B and zero ranks dropped."""
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    if isinstance(layer, SoraLinear):
+        keep = (layer.gate != 0).nonzero().flatten()
+        a, b = a[keep], b[:, keep] * layer.gate.detach()[keep]
+    return a, b
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s adapters and saved modules to ``path`` in PEFT's LoRA format; returns the path."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapter layers to export")
+    gumbel = [n for n, m in layers.items() if isinstance(m, GumbelLinear)]
+    if gumbel:
+        raise ValueError(f"PEFT has no format for Gumbel CL-LoRA layers (e.g. {gumbel[0]!r})")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"unmerge the model before exporting (module {merged[0]!r} is merged)")
+    use_rslora = {m.use_rslora for m in layers.values()}
+    if len(use_rslora) > 1:
+        raise ValueError("cannot export a model that mixes rsLoRA and plain LoRA scaling")
+    rslora = use_rslora.pop()
+    use_dora = any(isinstance(m, DoraLinear) for m in layers.values())
+    if use_dora and not all(isinstance(m, DoraLinear | LoraEmbedding) for m in layers.values()):
+        raise ValueError("cannot export a model that mixes DoRA with other adapter kinds")
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dropouts = set()
+    for name, layer in layers.items():
+        a, b = _peft_factors(layer)
+        rank = a.shape[0]
+        if rank == 0:
+            continue  # every gate of this SoRA layer is zero: the layer is its base layer again
+        ranks[name] = rank
+        alphas[name] = layer.scaling * (math.sqrt(rank) if rslora else rank)
+        dropouts.add(layer.lora_dropout_p)
+        if isinstance(layer, LoraEmbedding):
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = a
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = b
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+        if isinstance(layer, DoraLinear):
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach()
+    if not ranks:
+        raise ValueError("every adapter rank was pruned away: there is nothing to export")
+
+    saved = list(getattr(model, SAVED_ATTR, []))
+    for module_name in saved:
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{PREFIX}{module_name}.{key}"] = value.detach()
+
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        "use_rslora": rslora,
+        "use_dora": use_dora,
+        "modules_to_save": saved or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    save_file(contiguous, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -1,0 +1,155 @@
+"""Gumbel CL-LoRA: one LoRA direction pair per task, mixed by a sparse Gumbel-Sparsemax gate.
+
+For tasks t = 0..T-1 (T - 1 is the task being learned):
+
+    direction_t = s * B_t A_t                          current task (B starts at zero: no-op)
+    direction_i = B_i A_i / (||A_i|| ||B_i||)          earlier tasks, frozen (SD-LoRA normalisation)
+    beta        = sparsemax((logits + G) / tau)        over the active tasks; G ~ Gumbel(0, 1) in
+                                                       training, G = 0 in eval
+    y           = W x + b + sum_t beta_t * alpha_t * direction_t dropout(x)
+
+alpha_t is a learned magnitude per task (initialised to 0.8 as in SD-LoRA); the logits and every
+alpha stay trainable, only earlier directions are frozen. A pruned task keeps its tensors but is
+masked out of the gate, so its beta is exactly 0 and it contributes nothing. All active directions
+are evaluated with two matmuls by concatenating the A's and B's along the rank axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from entmax import sparsemax
+from torch import nn
+
+from .base import AdapterLayer
+
+
+def gumbel_sparsemax(logits: torch.Tensor, tau: float, noise: bool = True) -> torch.Tensor:
+    """sparsemax((logits + G) / tau) along the last dim; G ~ Gumbel(0, 1) when ``noise``."""
+    if noise:
+        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-10)
+        logits = logits - torch.log(-torch.log(uniform))
+    return sparsemax(logits / tau, dim=-1)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """-sum p log p with 0 log 0 = 0 (sparsemax outputs exact zeros)."""
+    safe = torch.where(probs > 0, probs, torch.ones_like(probs))
+    return -(probs * torch.log(safe)).sum(dim=-1)
+
+
+class GumbelLinear(AdapterLayer):
+    """A continual-learning adapter on ``nn.Linear`` with per-task directions and a task gate."""
+
+    adapter_name = "gumbel"
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        tau: float = 5.0,
+        magnitude_init: float = 0.8,
+    ) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"GumbelLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.tau = float(tau)
+        self.magnitude_init = float(magnitude_init)
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.magnitudes = nn.Parameter(torch.empty(0, **factory))
+        self.gate_logits = nn.Parameter(torch.empty(0, **factory))
+        self.register_buffer("active", torch.empty(0, dtype=torch.bool, device=factory["device"]))
+        self.register_buffer("direction_scale", torch.empty(0, **factory))
+        self.last_beta: torch.Tensor | None = None
+        self.add_task()
+
+    # -- task bookkeeping --------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.lora_A)
+
+    @torch.no_grad()
+    def add_task(self) -> None:
+        """Freeze and normalise the current direction (if any) and open a new one for the next task."""
+        if self.num_tasks:
+            self.freeze_current()
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        a = torch.empty(self.r, self.in_features, **factory)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A.append(nn.Parameter(a))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **factory)))
+        self.magnitudes = nn.Parameter(torch.cat([self.magnitudes, torch.full((1,), self.magnitude_init, **factory)]))
+        self.gate_logits = nn.Parameter(torch.cat([self.gate_logits, torch.zeros(1, **factory)]))
+        self.active = torch.cat([self.active, torch.ones(1, dtype=torch.bool, device=weight.device)])
+        # the current task's direction is not normalised: its factor is the plain scaling s
+        self.direction_scale = torch.cat([self.direction_scale, torch.full((1,), self.scaling, **factory)])
+
+    @torch.no_grad()
+    def freeze_current(self) -> None:
+        """Freeze the current task's (A, B) and divide it by ||A|| ||B|| from now on."""
+        t = self.num_tasks - 1
+        a, b = self.lora_A[t], self.lora_B[t]
+        a.requires_grad_(False)
+        b.requires_grad_(False)
+        norm = a.norm() * b.norm()
+        # a direction that never moved (B still zero) stays zero instead of dividing by zero
+        self.direction_scale[t] = 1.0 / norm if norm > 0 else 0.0
+
+    @torch.no_grad()
+    def prune_task(self, task: int) -> None:
+        """Mask task ``task`` out of the gate: its beta becomes exactly 0."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task {task} does not exist (this layer has {self.num_tasks} tasks)")
+        self.active[task] = False
+
+    # -- the gate ------------------------------------------------------------------------------
+    def beta(self, noise: bool | None = None) -> torch.Tensor:
+        """Gate weights over all tasks (pruned tasks exactly 0). Noise defaults to ``self.training``."""
+        noise = self.training if noise is None else noise
+        beta = torch.zeros_like(self.gate_logits)
+        if self.active.any():
+            beta = beta.index_put((self.active,), gumbel_sparsemax(self.gate_logits[self.active], self.tau, noise))
+        return beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        beta = self.beta()
+        self.last_beta = beta
+        tasks = self.active.nonzero().flatten().tolist()
+        if not tasks:
+            return result
+        coeff = beta * self.magnitudes * self.direction_scale  # per task
+        a_cat = torch.cat([self.lora_A[t] for t in tasks])
+        b_cat = torch.cat([self.lora_B[t] for t in tasks], dim=1)
+        rank_coeff = coeff[tasks].repeat_interleave(self.r)
+        hidden = F.linear(self.lora_dropout(x), a_cat) * rank_coeff
+        return result + F.linear(hidden, b_cat)
+
+    def delta_weight(self) -> torch.Tensor:
+        """sum_t beta_t alpha_t direction_t with the deterministic (eval) gate."""
+        coeff = self.beta(noise=False) * self.magnitudes * self.direction_scale
+        delta = torch.zeros_like(self.base_layer.weight)
+        for t in self.active.nonzero().flatten().tolist():
+            delta = delta + coeff[t] * (self.lora_B[t] @ self.lora_A[t])
+        return delta
+
+    def gate_entropy(self) -> torch.Tensor:
+        """Entropy of the gate used in the last forward pass (the sparsity loss term)."""
+        if self.last_beta is None:
+            return self.gate_logits.new_zeros(())
+        return entropy(self.last_beta)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tasks={self.num_tasks}, active={int(self.active.sum())}, tau={self.tau:g}"

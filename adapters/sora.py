@@ -1,0 +1,70 @@
+"""SoRA (Ding et al., 2023): LoRA with a sparse gate between A and B.
+
+    y = W x + b + s * B (g ⊙ (A dropout(x))),      g: (r,)
+
+The gate g is trained by its own proximal optimizer (soft-thresholding drives entries to exactly
+zero; see ``trainers.optimizers``). A rank whose gate is 0 contributes nothing, so ``prune`` drops it:
+A keeps the rows and B the columns of the surviving ranks, g is folded into B and reset to ones,
+and the outputs are unchanged while the stored rank shrinks. The scaling s is kept as it was.
+
+gate_init: "ones" (the seed's behaviour, default) or "randn" (the official SoRA code).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LowRankLinear
+
+GATE_INITS = ("ones", "randn")
+
+
+class SoraLinear(LowRankLinear):
+    """y = W x + b + s * B (g ⊙ A dropout(x))."""
+
+    adapter_name = "sora"
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        gate_init: str = "ones",
+    ) -> None:
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        init = torch.ones if gate_init == "ones" else torch.randn
+        self.gate = nn.Parameter(init(r, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        hidden = F.linear(self.lora_dropout(x), self.lora_A) * (self.gate * self.scaling)
+        return result + F.linear(hidden, self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B * (self.gate * self.scaling)) @ self.lora_A
+
+    def effective_rank(self) -> int:
+        """Number of ranks whose gate is not exactly zero."""
+        return int((self.gate != 0).sum())
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        """Drop the ranks with g == 0 and fold g into B; outputs are unchanged."""
+        if self.merged:
+            raise RuntimeError("cannot prune a merged SoRA layer; unmerge it first")
+        keep = (self.gate != 0).nonzero().flatten()
+        scale_before = self.scaling
+        self.lora_A = nn.Parameter(self.lora_A[keep].clone())
+        self.lora_B = nn.Parameter((self.lora_B[:, keep] * self.gate[keep]).clone())
+        self.gate = nn.Parameter(torch.ones_like(self.gate[keep]))
+        self.r = int(keep.numel())
+        self.scaling = scale_before
