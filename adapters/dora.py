@@ -26,6 +26,11 @@ from torch import nn
 from .base import LowRankLinear
 
 
+def _accumulation(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in a dtype fit for summing squares: half precisions go up to float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class DoraLinear(LowRankLinear):
     """y = (m / n) (W x + s B A x) + b with n = ||W + s B A||_row detached."""
 
@@ -50,7 +55,7 @@ class DoraLinear(LowRankLinear):
         key = (id(weight), weight._version, weight.dtype)
         if self._weight_sq_norm is None or self._weight_version != key:
             with torch.no_grad():
-                self._weight_sq_norm = weight.float().pow(2).sum(dim=1)
+                self._weight_sq_norm = _accumulation(weight).pow(2).sum(dim=1)
             self._weight_version = key
         return self._weight_sq_norm
 
@@ -58,8 +63,8 @@ class DoraLinear(LowRankLinear):
         """n = ||W + s B A|| per output row, detached, without forming B A."""
         with torch.no_grad():
             weight = self.base_layer.weight
-            a, b, s = self.lora_A.float(), self.lora_B.float(), self.scaling
-            cross = (b * F.linear(weight.float(), a)).sum(dim=1)  # <W_i, (B A)_i>
+            a, b, s = _accumulation(self.lora_A), _accumulation(self.lora_B), self.scaling
+            cross = (b * F.linear(_accumulation(weight), a)).sum(dim=1)  # <W_i, (B A)_i>
             lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)  # ||(B A)_i||^2
             sq_norm = self._base_row_sq_norm() + 2.0 * s * cross + (s * s) * lora_sq
             return sq_norm.clamp_min(0.0).sqrt().to(weight.dtype)

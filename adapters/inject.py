@@ -129,12 +129,15 @@ def wrap_linears(
     names = find_targets(model, target_modules)
     to_save = find_modules_to_save(model, modules_to_save)
     layers = {}
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     for name in names:  # build all first so a bad match leaves the model untouched
         try:
             layers[name] = make_adapter_layer(
                 model.get_submodule(name), adapter, r, lora_alpha, lora_dropout, **adapter_kwargs
             )
         except ValueError as err:
+            for param, flag in requires_grad.items():  # layer constructors freeze their base
+                param.requires_grad_(flag)
             raise ValueError(f"module {name!r}: {err}") from None
     for param in model.parameters():
         param.requires_grad_(False)
