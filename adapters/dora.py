@@ -14,7 +14,13 @@ The row norm is computed without B A, from quantities of rank size (W is frozen)
     ||V_i||^2 = ||W_i||^2 + 2 s <W_i, (B A)_i> + s^2 ||(B A)_i||^2
               = ||W_i||^2 + 2 s (B * (W A.T))_i.sum() + s^2 (B (A A.T) * B)_i.sum()
 
-||W_i||^2 is cached and recomputed only when the base weight changes (tracked by its version).
+||W_i||^2 is cached and recomputed only when the base weight changes (tracked by its version);
+the rest is one (out, in) x (in, r) product and a few (out, r) ones.
+
+Without dropout (or in eval) the forward is one fused autograd node (``_DoraLinearFn``): the branch
+is accumulated into z = W x + s B A x by the same GEMM, y = (m / n) z + b by one ``addcmul``, and
+the backward computes dm = Σ_tokens gy ⊙ z / n and the rest as LoRA does with gy (m / n) in place
+of gy, with no second W x and no (tokens, in) add for the input gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import LowRankLinear
 
@@ -29,6 +36,62 @@ from .base import LowRankLinear
 def _accumulation(t: torch.Tensor) -> torch.Tensor:
     """The tensor in a dtype fit for summing squares: half precisions go up to float32."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _DoraLinearFn(torch.autograd.Function):
+    """y = (m / n) ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b in one node; n is a constant (detached) row norm.
+
+    Backward, with z = x Wᵀ + s (x Aᵀ) Bᵀ (saved), c = m / n and gz = gy ⊙ c:
+        dm = Σ_tokens gy ⊙ z / n,  db = Σ_tokens gy,  dB = s gzᵀ h,  dh = s gz B,  dA = dhᵀ x,
+        dx = gz W + dh A (accumulated in place).
+    gz is never formed when W is smaller than gy: gz W = gy (c ⊙ W), gz B = gy (c ⊙ B) and
+    gzᵀ h = c ⊙ (gyᵀ h) scale (out, in) and (out, r) tensors instead of a (tokens, out) one.
+    Rank-sized products are computed with r leading, as in ``base._LowRankLinearFn``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        h_t = torch.mm(lora_A, x2.t())
+        z = torch.mm(x2, weight.t())
+        z.addmm_(h_t.t(), lora_B.t(), alpha=scaling)
+        mag_scale = magnitude / norm
+        y = z * mag_scale if bias is None else torch.addcmul(bias, z, mag_scale)
+        ctx.save_for_backward(x2, h_t, z, weight, lora_A, lora_B, mag_scale, norm)
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x2, h_t, z, weight, lora_A, lora_B, mag_scale, norm = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        gy = grad_out.reshape(-1, weight.shape[0])
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        if need_m:
+            grad_m = (gy * z).sum(0).div_(norm)
+        if need_bias:
+            grad_bias = gy.sum(0)
+        col = mag_scale.unsqueeze(1)
+        fold = gy.shape[0] > weight.shape[1]  # scaling W (out, in) is cheaper than scaling gy (tokens, out)
+        gz = gy if fold else gy * mag_scale
+        if need_b:
+            grad_b = torch.mm(h_t, gz).mul_(s).t()
+            grad_b = (grad_b * col if fold else grad_b).contiguous()
+        if need_a or need_x:
+            dh_t = torch.mm((lora_B * col if fold else lora_B).t(), gz.t()).mul_(s)
+            if need_a:
+                grad_a = torch.mm(dh_t, x2)
+            if need_x:
+                grad_x = torch.mm(gz, weight * col if fold else weight)
+                grad_x.addmm_(dh_t.t(), lora_A)
+                grad_x = grad_x.view(ctx.x_shape)
+        if need_w:  # a frozen base never needs this; kept so the node is right for any inputs
+            grad_w = torch.mm(gz.t(), x2)
+            grad_w = grad_w * col if fold else grad_w
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None
 
 
 class DoraLinear(LowRankLinear):
@@ -60,19 +123,28 @@ class DoraLinear(LowRankLinear):
         return self._weight_sq_norm
 
     def weight_norm(self) -> torch.Tensor:
-        """n = ||W + s B A|| per output row, detached, without forming B A."""
+        """n = ||W + s B A|| per output row, detached, without forming B A.
+
+        ||V_i||^2 = ||W_i||^2 + Σ_j B_ij C_ji with C = 2 s A Wᵀ + s^2 (A Aᵀ) Bᵀ of shape (r, out):
+        one (r, in) x (in, out) product (r leading, the fast way round for BLAS), one ``addmm`` and
+        a column-wise dot product.
+        """
         with torch.no_grad():
             weight = self.base_layer.weight
             a, b, s = _accumulation(self.lora_A), _accumulation(self.lora_B), self.scaling
-            cross = (b * F.linear(_accumulation(weight), a)).sum(dim=1)  # <W_i, (B A)_i>
-            lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)  # ||(B A)_i||^2
-            sq_norm = self._base_row_sq_norm() + 2.0 * s * cross + (s * s) * lora_sq
-            return sq_norm.clamp_min(0.0).sqrt().to(weight.dtype)
+            cross_t = torch.addmm(torch.mm(a, _accumulation(weight).t()), a @ a.T, b.t(), beta=2.0 * s, alpha=s * s)
+            sq_norm = self._base_row_sq_norm() + torch.linalg.vecdot(b.t(), cross_t, dim=0)
+            return sq_norm.clamp_min_(0.0).sqrt_().to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
+            return self.base_layer(x)
+        if self.dropout_is_identity and self.use_fused(x):
+            base = self.base_layer
+            return _DoraLinearFn.apply(
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.magnitude, self.weight_norm(), self.scaling
+            )
+        result = self.base_layer(x)
         mag_scale = self.magnitude / self.weight_norm()
         x_d = self.lora_dropout(x)
         lora = F.linear(F.linear(x_d, self.lora_A) * self.scaling, self.lora_B)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from entmax import sparsemax
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, low_rank_linear
 
 
 def gumbel_sparsemax(logits: torch.Tensor, tau: float, noise: bool = True) -> torch.Tensor:
@@ -122,20 +122,22 @@ class GumbelLinear(AdapterLayer):
         return beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
+            return self.base_layer(x)
         beta = self.beta()
         self.last_beta = beta
         tasks = self.active.nonzero().flatten().tolist()
         if not tasks:
-            return result
+            return self.base_layer(x)
         coeff = beta * self.magnitudes * self.direction_scale  # per task
         a_cat = torch.cat([self.lora_A[t] for t in tasks])
         b_cat = torch.cat([self.lora_B[t] for t in tasks], dim=1)
         rank_coeff = coeff[tasks].repeat_interleave(self.r)
-        hidden = F.linear(self.lora_dropout(x), a_cat) * rank_coeff
-        return result + F.linear(hidden, b_cat)
+        x_d = self.lora_dropout(x)
+        if self.use_fused(x):  # the per-rank coefficients act as the gate of the fused node
+            return low_rank_linear(x, self.base_layer, a_cat, b_cat, 1.0, rank_coeff, x_d)
+        hidden = F.linear(x_d, a_cat) * rank_coeff
+        return self.base_layer(x) + F.linear(hidden, b_cat)
 
     def delta_weight(self) -> torch.Tensor:
         """sum_t beta_t alpha_t direction_t with the deterministic (eval) gate."""

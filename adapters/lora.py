@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, LowRankLinear
+from .base import AdapterLayer, LowRankLinear, low_rank_linear
 
 
 class LoraLinear(LowRankLinear):
@@ -22,12 +22,14 @@ class LoraLinear(LowRankLinear):
     adapter_name = "lora"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        # scale the r-wide intermediate, not the out-wide result: fewer multiplications
-        hidden = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
-        return result + F.linear(hidden, self.lora_B)
+            return self.base_layer(x)
+        x_d = self.lora_dropout(x)
+        if self.use_fused(x):
+            return low_rank_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, x_branch=x_d)
+        # the plain composition: scale the r-wide intermediate, not the out-wide result
+        hidden = F.linear(x_d, self.lora_A) * self.scaling
+        return self.base_layer(x) + F.linear(hidden, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LowRankLinear
+from .base import LowRankLinear, low_rank_linear
 
 GATE_INITS = ("ones", "randn")
 
@@ -43,11 +43,13 @@ class SoraLinear(LowRankLinear):
         self.gate = nn.Parameter(init(r, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        hidden = F.linear(self.lora_dropout(x), self.lora_A) * (self.gate * self.scaling)
-        return result + F.linear(hidden, self.lora_B)
+            return self.base_layer(x)
+        x_d = self.lora_dropout(x)
+        if self.use_fused(x):
+            return low_rank_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self.gate, x_d)
+        hidden = F.linear(x_d, self.lora_A) * (self.gate * self.scaling)
+        return self.base_layer(x) + F.linear(hidden, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B * (self.gate * self.scaling)) @ self.lora_A
