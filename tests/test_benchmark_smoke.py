@@ -1,0 +1,59 @@
+"""The step-time benchmark's variants run on a tiny random BERT and its report has every key (no timing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_models import tiny_bert
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "step_time.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_step_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_set_up_what_they_claim(bench):
+    base = tiny_bert(num_labels=2)
+    batch = bench.make_batch(base, batch_size=2, seq_len=8, device=torch.device("cpu"))
+    variants = {name: bench.build_variant(name, base, r=4, lora_alpha=8) for name in bench.STEP_VARIANTS}
+    for variant in variants.values():
+        variant.step(batch)
+    floor = variants["floor"]
+    assert floor.optimizer is None and floor.trainable == 0
+    assert all(p.grad is None for p in floor.model.parameters())  # backward ran through activations only
+    assert variants["full"].trainable == sum(p.numel() for p in base.parameters())
+    wrapped = variants["lora"].wrapped
+    assert len(wrapped) == 2 * 6 + 1 and "classifier" not in wrapped  # q, k, v, 3 dense per layer + pooler
+    for name in ("dora", "sora", "peft_lora", "peft_dora"):
+        assert variants[name].wrapped == wrapped, name
+    assert variants["lora"].trainable == variants["peft_lora"].trainable
+    assert variants["dora"].trainable == variants["peft_dora"].trainable
+
+
+def test_quick_run_writes_the_report(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--batch-size", "2", "--seq-len", "8", "--r", "4", "--json", str(out)]
+    args = bench.parse_args(argv + ["--threads", str(torch.get_num_threads())])  # leave the thread count as it is
+    report = bench.run_benchmark(args, tiny_bert(num_labels=2), "tiny random BERT")
+    saved = json.loads(out.read_text())
+    assert saved.keys() >= {"command", "settings", "environment", "steps", "inference", "targets", "wall_s"}
+    assert list(saved["steps"]) == list(bench.STEP_VARIANTS)
+    for name, row in saved["steps"].items():
+        assert row.keys() >= {"median_ms", "peak_memory_mib", "trainable_params", "vs_floor"}, name
+        assert row["median_ms"] > 0 and row["peak_memory_mib"] > 0
+    assert "vs_peft" in saved["steps"]["lora"] and "vs_peft" in saved["steps"]["dora"]
+    assert list(saved["inference"]) == list(bench.INFERENCE_VARIANTS)
+    assert saved["targets"].keys() >= set(bench.TARGETS) | {"lora_merged_vs_plain"}
+    table = bench.format_table(report)
+    assert "| lora |" in table and "lora_vs_floor" in table
