@@ -1,0 +1,60 @@
+"""Hydra callbacks (configured under ``hydra.callbacks`` in conf/config.yaml)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from trainers.errors import RunRefused, UserError
+from trainers.reports import collect_sweep, format_table, has_results, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class RunDirGuard(Callback):
+    """Refuse to start in a folder that holds an earlier run's results before Hydra writes anything there.
+
+    A single run checks its run directory (and, with resume, that the checkpoint fits the config); a
+    sweep without ``resume`` refuses a sweep directory whose jobs already hold results.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from trainers.run import resume_source
+
+        try:
+            resume_source(config, Path(config.hydra.run.dir))
+        except UserError as exc:
+            raise RunRefused(str(exc)) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if config.get("resume") is None and sweep_dir.is_dir():
+            used = [p for p in sweep_dir.iterdir() if p.is_dir() and has_results(p)]
+            if used:
+                raise RunRefused(f"sweep directory {sweep_dir} already holds results (e.g. {used[0].name}/); pass "
+                                f"resume=auto to continue that sweep or choose another hydra.sweep.dir")
+
+
+class SweepSummary(Callback):
+    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _is_main_process():
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect_sweep(sweep_dir)
+        if not rows:
+            log.warning("no job folders found under %s: no summary written", sweep_dir)
+            return
+        path = write_summary(sweep_dir, rows)
+        failed = sum(r["status"] != "completed" for r in rows)
+        print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)

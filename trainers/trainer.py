@@ -1,0 +1,418 @@
+"""The training loop: one loop for every adapter, extended through :class:`TrainerCallback` hooks.
+
+Exact resume: the data order is a function of (seed, epoch), the position inside an epoch is saved,
+DataLoaders draw from their own generators (never the global RNG), and the global RNG states are
+saved per process in every checkpoint. A run killed at any step and resumed from its newest
+checkpoint therefore replays exactly the steps the uninterrupted run took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainers import checkpoint as ckpt
+from trainers.callbacks import TrainerCallback
+from trainers.data import ClassificationData, EpochSampler, ShardSampler, make_loader
+from trainers.errors import UserError
+from trainers.optimizers import build_sora_optimizers, build_warmup_scheduler, is_gate_parameter, set_sparse_lambda
+from trainers.reports import MetricsWriter
+from trainers.schedules import Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """Counters saved in every checkpoint (``trainer_state.json``)."""
+
+    global_step: int = 0      # optimizer steps done, over all stages
+    stage_index: int = 0      # stage being trained (== number of stages when training is done)
+    stage_step: int = 0       # optimizer steps done in the current stage
+    epoch: int = 0            # data epoch (seeds the shuffle: seed + epoch)
+    batch_in_epoch: int = 0   # micro-batches of this epoch already consumed by each process
+    samples_seen: int = 0     # training examples processed, all processes
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0  # of the finished segments (a resumed run adds its own)
+    last_eval_step: int = -1
+    last_eval: dict[str, float] = field(default_factory=dict)
+    running: dict[str, float] = field(default_factory=dict)  # sums since the last training log line
+    metrics_lines: int = 0    # lines of metrics.jsonl written when the checkpoint was taken
+
+
+class Trainer:
+    """Trains ``model`` (already wrapped with an adapter) on ``data`` through ``stages``.
+
+    ``started_at`` (``time.perf_counter()``) is when this process's run began, for ``wall_time_s``.
+    """
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, data: ClassificationData, collate: Any,
+                 accelerator: Accelerator, run_dir: Path, stages: list[Stage],
+                 callbacks: list[TrainerCallback] | None = None, started_at: float | None = None) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.stages = stages
+        self.callbacks = list(callbacks or [])
+        self.data = data
+        self.collate = collate
+        self.state = TrainerState()
+        self.writer = MetricsWriter(self.run_dir, enabled=accelerator.is_main_process)
+        self.seed = int(cfg.seed)
+        self.is_main = accelerator.is_main_process
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+
+        self.model = model
+        self.has_gates = any(is_gate_parameter(n) for n, p in model.named_parameters() if p.requires_grad)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        adapter = cfg.adapter
+        self._optimizer_args = dict(base_lr=float(self.tcfg.base_lr),
+                                    gate_lr=float(adapter.get("gate_lr", self.tcfg.base_lr)),
+                                    betas=tuple(self.tcfg.betas), weight_decay=float(self.tcfg.weight_decay),
+                                    threshold_mode=str(adapter.get("threshold_mode", "lr_scaled")))
+        self.gate_opt, self.base_opt = build_sora_optimizers(model, sparse_lambda=stages[0].sparse_lambda,
+                                                             **self._optimizer_args)
+        self.base_sched: Any = None
+        self.gate_sched: Any = None
+        self.ddp_model = accelerator.prepare(model)
+
+        lengths = [len(ex["input_ids"]) for ex in data.train] if self.tcfg.group_by_length else None
+        self.sampler = EpochSampler(len(data.train), self.seed, self.rank, self.world_size, lengths=lengths,
+                                    batch_size=self.tcfg.batch_size)
+        self.batches_per_epoch = math.ceil(self.sampler.shard_size / self.tcfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.grad_accum_steps)
+        self.eval_loader = make_loader(data.eval, ShardSampler(len(data.eval), self.rank, self.world_size),
+                                       self.tcfg.eval_batch_size, collate, self.tcfg.num_workers, self.seed)
+        self._resumed_stage: int | None = None
+        self._pending: dict[str, Any] = {}
+        self._last_saved_step = -1
+        self._segment_start = started_at if started_at is not None else time.perf_counter()
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def stage_steps(self, stage: Stage) -> int:
+        """Optimizer steps of ``stage``."""
+        return stage.max_steps if stage.max_steps else stage.epochs * self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps(s) for s in self.stages)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.base_opt, self.gate_opt) if o is not None]
+
+    @property
+    def schedulers(self) -> list[Any]:
+        return [s for s in (self.base_sched, self.gate_sched) if s is not None]
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def wall_time(self) -> float:
+        return self.state.wall_time_s + time.perf_counter() - self._segment_start
+
+    # ----------------------------------------------------------------------------------------- stages
+    def _start_stage(self, stage: Stage, resumed: bool) -> None:
+        steps = self.stage_steps(stage)
+        if not resumed:
+            if stage.reset_optimizers and self.state.global_step > 0:
+                self.gate_opt, self.base_opt = build_sora_optimizers(self.model, sparse_lambda=stage.sparse_lambda,
+                                                                     **self._optimizer_args)
+            set_sparse_lambda(self.gate_opt, stage.sparse_lambda)
+        self.base_sched = build_warmup_scheduler(self.base_opt, steps, float(self.tcfg.warmup_ratio))
+        self.gate_sched = build_warmup_scheduler(self.gate_opt, steps, float(self.tcfg.gate_warmup_ratio))
+        if resumed:  # optimizer states after the schedulers are built (building one resets the lr)
+            objects = self._pending.pop("objects")
+            self.base_opt.load_state_dict(objects["base_opt"])
+            if self.gate_opt is not None:
+                self.gate_opt.load_state_dict(objects["gate_opt"])
+            if self.base_sched is not None:
+                self.base_sched.load_state_dict(objects["base_sched"])
+            if self.gate_sched is not None:
+                self.gate_sched.load_state_dict(objects["gate_sched"])
+            if self.accelerator.scaler is not None and objects.get("scaler"):
+                self.accelerator.scaler.load_state_dict(objects["scaler"])
+        else:
+            self._call("on_stage_begin", stage)
+
+    # ----------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, float]:
+        """Run the remaining stages; return the final evaluation metrics."""
+        self._call("on_train_begin")
+        rng = self._pending.pop("rng", None)
+        if rng is not None:  # last, after every model/optimizer construction that could draw numbers
+            ckpt.set_rng_state(rng)
+        while self.state.stage_index < len(self.stages):
+            index = self.state.stage_index
+            stage = self.stages[index]
+            self._start_stage(stage, resumed=self._resumed_stage == index)
+            self._run_stage(stage)
+            metrics = self.evaluate_if_needed()
+            self._call("on_stage_end", stage, metrics)
+            self.state.stage_index += 1
+            self.state.stage_step = 0
+        metrics = self.evaluate_if_needed()
+        if self._last_saved_step != self.state.global_step:
+            self.save_checkpoint()
+        self._call("on_train_end", metrics)
+        return metrics
+
+    def _run_stage(self, stage: Stage) -> None:
+        total = self.stage_steps(stage)
+        accum = self.tcfg.grad_accum_steps
+        desc = "train" if len(self.stages) == 1 else f"stage {stage.name}"
+        bar = tqdm(total=total, initial=self.state.stage_step, desc=desc, dynamic_ncols=True, leave=True,
+                   disable=None if self.is_main else True)  # None: a bar on terminals only
+        self.ddp_model.train()
+        while self.state.stage_step < total:
+            self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch * self.tcfg.batch_size)
+            loader = make_loader(self.data.train, self.sampler, self.tcfg.batch_size, self.collate,
+                                 self.tcfg.num_workers, self.seed + self.state.epoch)
+            for batch in loader:
+                i = self.state.batch_in_epoch
+                group_start = (i // accum) * accum
+                group_size = min(accum, self.batches_per_epoch - group_start)
+                if i == group_start:
+                    self._call("on_step_begin")
+                is_step = i + 1 - group_start == group_size
+                self._micro_step(batch, group_size, sync=is_step)
+                self.state.batch_in_epoch += 1
+                if is_step:
+                    self._optimizer_step()
+                    bar.update(1)
+                    self._after_step(stage, total, bar)
+                    if self.state.stage_step >= total:
+                        break
+            if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: next permutation
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+        bar.close()
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], group_size: int, sync: bool) -> None:
+        start = time.perf_counter()
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        no_sync = not sync and self.world_size > 1  # accumulate locally, all-reduce on the last micro-batch
+        with self.accelerator.no_sync(self.ddp_model) if no_sync else contextlib.nullcontext():
+            with self.accelerator.autocast():
+                outputs = self.ddp_model(**batch)
+                extras = {}
+                for callback in self.callbacks:
+                    extras.update(callback.extra_losses(self, outputs, batch))
+                loss = outputs.loss + sum(extras.values()) if extras else outputs.loss
+            self.accelerator.backward(loss / group_size)
+        n = batch["labels"].shape[0]
+        running = self.state.running
+        running["loss_sum"] = running.get("loss_sum", 0.0) + outputs.loss.item() * n
+        running["correct"] = running.get("correct", 0.0) + float((outputs.logits.argmax(-1) == batch["labels"]).sum())
+        running["count"] = running.get("count", 0.0) + n
+        for name, value in extras.items():
+            running[f"{name}_sum"] = running.get(f"{name}_sum", 0.0) + value.item() * n
+        self.state.samples_seen += n * self.world_size
+        self.state.train_time_s += time.perf_counter() - start
+
+    def _optimizer_step(self) -> None:
+        start = time.perf_counter()
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            for opt in self.optimizers:
+                scaler.unscale_(opt)
+        if self.tcfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        for opt in self.optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()
+        for sched in self.schedulers:
+            sched.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self.state.stage_step += 1
+        self.state.train_time_s += time.perf_counter() - start
+        self._call("on_step_end")
+
+    def _after_step(self, stage: Stage, total: int, bar: Any) -> None:
+        step = self.state.global_step
+        if step % self.tcfg.log_every_steps == 0 or self.state.stage_step == total:
+            record = self._log_train(stage)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+            if bar.disable and self.is_main:  # no progress bar (not a terminal): a log line instead
+                log.info("step %d/%d: loss %.4f, accuracy %.4f", step, self.total_steps, record["loss"],
+                         record["accuracy"])
+        if self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0:
+            self.evaluate_if_needed()
+        is_last = self.state.stage_index == len(self.stages) - 1 and self.state.stage_step == total
+        if self.tcfg.save_every_steps and step % self.tcfg.save_every_steps == 0 and not is_last:
+            self.save_checkpoint()  # the final checkpoint is written after the final evaluation
+
+    def _log_train(self, stage: Stage) -> dict[str, Any]:
+        running = self.state.running
+        names = sorted(running)
+        sums = torch.tensor([running[k] for k in names], dtype=torch.float64, device=self.accelerator.device)
+        if self.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        totals = dict(zip(names, sums.tolist(), strict=True))
+        count = max(totals.get("count", 0.0), 1.0)
+        record: dict[str, Any] = {
+            "step": self.state.global_step, "split": "train", "stage": stage.name,
+            "epoch": round(self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch, 4),
+            "loss": totals.get("loss_sum", 0.0) / count, "accuracy": totals.get("correct", 0.0) / count,
+            "lr": self.base_opt.param_groups[0]["lr"],
+        }
+        for name in names:
+            if name.endswith("_sum") and name != "loss_sum":
+                record[name[: -len("_sum")]] = totals[name] / count
+        if self.gate_opt is not None:
+            record["gate_lr"] = self.gate_opt.param_groups[0]["lr"]
+            record["sparse_lambda"] = self.gate_opt.param_groups[0]["sparse_lambda"]
+        for callback in self.callbacks:
+            record.update(callback.log_values(self))
+        self.writer.log(record)
+        self.state.running = {}
+        return record
+
+    # ----------------------------------------------------------------------------------------- eval
+    def evaluate_if_needed(self) -> dict[str, float]:
+        """Evaluate unless this step was already evaluated; log the result to metrics.jsonl."""
+        if self.state.last_eval_step == self.state.global_step and self.state.last_eval:
+            return dict(self.state.last_eval)
+        metrics = self.evaluate()
+        self.state.last_eval_step = self.state.global_step
+        self.state.last_eval = dict(metrics)
+        self.writer.log({"step": self.state.global_step, "split": "eval", **metrics})
+        if self.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            log.info("eval at step %d: %s", self.state.global_step, shown)
+        self._call("on_evaluate", metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """eval_loss and eval_accuracy over the evaluation set (and gate_zero_ratio for gated adapters)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        bar = tqdm(self.eval_loader, desc="eval", disable=None if self.is_main else True, leave=False,
+                   dynamic_ncols=True)
+        for batch in bar:
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with self.accelerator.autocast():
+                logits = model(**batch).logits
+            logits = logits.float()
+            sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
+                                  (logits.argmax(-1) == labels).sum().item(), labels.shape[0]], dtype=torch.float64)
+            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}", acc=f"{sums[1].item() / sums[2].item():.3f}")
+        if self.world_size > 1:
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        model.train(was_training)
+        loss_sum, correct, count = sums.tolist()
+        metrics = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+        if self.has_gates:
+            from adapters import summarize_gate_sparsity
+
+            metrics["gate_zero_ratio"] = float(summarize_gate_sparsity(model))
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write the full training state atomically (all processes must call this)."""
+        from adapters import adapter_state_dict
+
+        step = self.state.global_step
+        self.state.metrics_lines = self.writer.num_lines
+        state = dataclasses.asdict(self.state)
+        state["wall_time_s"] = self.wall_time()
+        if self.is_main:
+            tmp = ckpt.prepare_temporary(self.run_dir, step)
+        self.accelerator.wait_for_everyone()
+        tmp = ckpt.temporary_dir(self.run_dir, step)
+        ckpt.write_rng(tmp, self.rank)
+        if self.is_main:
+            objects = {
+                "base_opt": self.base_opt.state_dict(),
+                "gate_opt": self.gate_opt.state_dict() if self.gate_opt is not None else None,
+                "base_sched": self.base_sched.state_dict() if self.base_sched is not None else None,
+                "gate_sched": self.gate_sched.state_dict() if self.gate_sched is not None else None,
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+            }
+            meta = {"state": state, "config": ckpt.config_fingerprint(self.cfg), "world_size": self.world_size,
+                    "callbacks": [c.state_dict() for c in self.callbacks]}
+            ckpt.write_main(tmp, adapter_state_dict(self.model), objects, meta)
+        self.accelerator.wait_for_everyone()
+        final = ckpt.checkpoint_root(self.run_dir) / f"step-{step:08d}"
+        if self.is_main:
+            final = ckpt.publish(self.run_dir, step, int(self.tcfg.keep_last_checkpoints))
+        self.accelerator.wait_for_everyone()
+        self._last_saved_step = step
+        return final
+
+    def load_checkpoint(self, path: Path, source_run: Path | None = None) -> None:
+        """Restore everything from the checkpoint at ``path`` (UserError if it is corrupt or does not fit).
+
+        ``source_run``: copy that run's metrics.jsonl (up to the checkpoint) when resuming into a new folder.
+        """
+        from adapters import load_adapter_state_dict
+
+        meta = ckpt.check_compatible(path, self.cfg, self.world_size)
+        weights, objects, _, rng = ckpt.load_checkpoint(path, self.rank)
+        try:
+            load_adapter_state_dict(self.model, weights)
+        except ValueError as exc:
+            raise UserError(f"checkpoint {path} does not fit this model: {exc}") from None
+        try:
+            fields = {f.name for f in dataclasses.fields(TrainerState)}
+            self.state = TrainerState(**{k: v for k, v in meta["state"].items() if k in fields})
+            if len(meta.get("callbacks", [])) == len(self.callbacks):
+                for callback, cb_state in zip(self.callbacks, meta["callbacks"], strict=True):
+                    callback.load_state_dict(cb_state)
+            if objects["gate_opt"] is None and self.gate_opt is not None:
+                raise ValueError("it has no gate optimizer state")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"corrupt checkpoint {path}: {exc}") from None
+        self._pending = {"objects": objects, "rng": rng}
+        self._resumed_stage = self.state.stage_index if self.state.stage_index < len(self.stages) else None
+        if self._resumed_stage is None:  # training was finished: nothing left to load into
+            self._pending.pop("objects")
+        self._last_saved_step = self.state.global_step
+        self.writer.restart(self.state.metrics_lines, source_run)
+        log.info("resumed from %s (step %d)", path, self.state.global_step)
+
+    def start_fresh(self) -> None:
+        """Begin a new run: empty metrics.jsonl."""
+        self.writer.restart(0)
+
+    def final_metrics(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What ``metrics.json`` holds when training finished."""
+        from adapters import count_trainable_parameters
+
+        train_time = self.state.train_time_s
+        result: dict[str, Any] = dict(metrics)
+        result.update({
+            "trainable_params": int(count_trainable_parameters(self.model)),
+            "train_samples_per_second": self.state.samples_seen / train_time if train_time > 0 else None,
+            "wall_time_s": self.wall_time(),
+            "global_step": self.state.global_step,
+            "train_samples": self.state.samples_seen,
+            "status": "completed",
+        })
+        return result
