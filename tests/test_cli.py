@@ -48,6 +48,7 @@ def finished_run(tmp_path_factory) -> Path:
     (["data_root=/nonexistent/data"], ["missing data folder /nonexistent/data/sst2"]),
     (["data_root=null"], ["cannot load dataset sst2", "set data_root="]),
     (["resume=/nonexistent/run"], ["resume=/nonexistent/run: no checkpoint there"]),
+    (["model=roberta-base"], ["cannot load tokenizer 'FacebookAI/roberta-base'", "network access"]),
     (["adapter.r=[1"], ["cannot parse the override 'adapter.r=[1'"]),
 ])
 def test_bad_input_is_one_line(args, fragments, tmp_path):

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from trainers.config import RUN_ID_ENV, _run_id, register_resolvers
+from trainers.config import register_resolvers, run_id, set_run_id
 from trainers.errors import RunRefused
 
 DIST_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -32,11 +32,8 @@ def _share_run_id() -> bool:
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as the Accelerator will do
-    shared = broadcast_object_list([_run_id() if state.is_main_process else None], from_process=0)
-    os.environ[RUN_ID_ENV] = shared[0]
-    import trainers.config as config_module
-
-    config_module._RUN_ID = shared[0]
+    shared = broadcast_object_list([run_id() if state.is_main_process else None], from_process=0)
+    set_run_id(shared[0])
     return state.is_main_process
 
 
@@ -62,7 +59,7 @@ def format_error(exc: BaseException) -> str:
         return f"unknown config key '{key}' (see conf/ for the valid keys)"
     kind = type(exc).__name__
     text = " ".join(lines[:2]) if lines else kind
-    known = ("ConfigCompositionException", "OverrideParseException", "MissingConfigException", "HydraException")
+    known = ("ConfigCompositionException", "MissingConfigException", "HydraException")
     if kind in known or kind.startswith(("Config", "Validation", "Interpolation", "Missing")):
         return text
     return f"{kind}: {text} (set HYDRA_FULL_ERROR=1 for the traceback)"
@@ -105,6 +102,11 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         if full_error:
             raise
         error = exc
+    except KeyboardInterrupt:
+        if is_main:
+            print("error: interrupted; continue the run with resume=auto and the same hydra.run.dir "
+                  "(or hydra.sweep.dir)", file=sys.stderr, flush=True)
+        sys.exit(130)
     if error is not None:
         if is_main:
             print(f"error: {format_error(error)}", file=sys.stderr, flush=True)

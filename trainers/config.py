@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -130,18 +130,12 @@ def _check_keys(node: Any, schema: type, where: str) -> DictConfig:
         full = f"{where}.{key}" if where != "config" else str(key)
         if "not in" in first or "no attribute" in first.lower():
             raise UserError(f"unknown config key '{full}' (valid keys: "
-                            f"{', '.join(f.name for f in _fields(schema))})") from None
+                            f"{', '.join(f.name for f in fields(schema))})") from None
         raise UserError(f"bad value for '{full}': {first}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise UserError(f"config '{where}' lacks required key(s): {', '.join(f'{where}.{m}' for m in missing)}")
     return merged
-
-
-def _fields(schema: type) -> list:
-    import dataclasses
-
-    return list(dataclasses.fields(schema))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -214,7 +208,7 @@ def validate_config(cfg: DictConfig) -> None:
 _RUN_ID: str | None = None
 
 
-def _run_id() -> str:
+def run_id() -> str:
     """``<date>/<time>-<6 hex>``: unique per launch, fixed within a process.
 
     All processes of one DDP launch share the value the CLI broadcasts through ``LORA_LAB_RUN_ID``.
@@ -225,7 +219,14 @@ def _run_id() -> str:
     return _RUN_ID
 
 
+def set_run_id(value: str) -> None:
+    """Use ``value`` for ``${run_id:}`` in this process (DDP: every process takes process 0's)."""
+    global _RUN_ID
+    _RUN_ID = value
+    os.environ[RUN_ID_ENV] = value
+
+
 def register_resolvers() -> None:
     """Register ``${run_id:}`` (used by hydra.run.dir and hydra.sweep.dir)."""
     if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
