@@ -56,6 +56,13 @@ class Recorder(TrainerCallback):
         return attr
 
 
+class SaveStage(TrainerCallback):
+    """Keeps a named checkpoint of every stage (as the xi-stage schedule will)."""
+
+    def on_stage_end(self, trainer: Any, stage: Any, metrics: dict[str, float]) -> None:
+        trainer.save_checkpoint(f"stage-{stage.name}")
+
+
 # --------------------------------------------------------------------------------------------- running main.py
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"

@@ -127,3 +127,12 @@ def test_user_callbacks_from_the_config(tmp_path):
     assert calls[0] == "on_train_begin" and calls[1] == "on_stage_begin" and calls[-1] == "on_train_end"
     assert calls.count("on_step_end") == metrics["global_step"] == calls.count("on_step_begin")
     assert "on_evaluate" in calls and "on_stage_end" in calls
+
+
+def test_named_checkpoints_are_kept_and_not_resumed_from(tmp_path):
+    train_run(make(["+trainer.callbacks.stage._target_=_trainer_helpers.SaveStage", "trainer.save_every_steps=1",
+                    "trainer.keep_last_checkpoints=1"]), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["stage-train", "step-00000005"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005"]
+    assert read_json(tmp_path / "checkpoints" / "stage-train" / "trainer_state.json")["state"]["global_step"] == 5

@@ -163,8 +163,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def temporary_dir(run_dir: Path, step: int) -> Path:
-    return checkpoint_root(run_dir) / f".tmp-step-{step:08d}"
+def step_name(step: int) -> str:
+    """Folder name of the regular checkpoint at ``step`` (the ones resume=auto and pruning consider)."""
+    return f"step-{step:08d}"
+
+
+def temporary_dir(run_dir: Path, name: str) -> Path:
+    return checkpoint_root(run_dir) / f".tmp-{name}"
 
 
 def write_rng(tmp: Path, rank: int) -> None:
@@ -179,16 +184,17 @@ def write_main(tmp: Path, weights: dict[str, torch.Tensor], objects: dict[str, A
     (tmp / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **state}, indent=1), encoding="utf-8")
 
 
-def publish(run_dir: Path, step: int, keep_last: int) -> Path:
-    """Rename the temporary folder into place, then delete all but the newest ``keep_last`` checkpoints."""
+def publish(run_dir: Path, name: str, keep_last: int) -> Path:
+    """Rename the temporary folder to ``checkpoints/<name>``, then delete all but the newest ``keep_last``
+    regular (``step-*``) checkpoints. Other names (e.g. one per stage) are kept."""
     root = checkpoint_root(run_dir)
-    tmp = temporary_dir(run_dir, step)
-    final = root / f"step-{step:08d}"
-    for name in os.listdir(tmp):
-        with open(tmp / name, "rb") as fh:
+    tmp = temporary_dir(run_dir, name)
+    final = root / name
+    for file in os.listdir(tmp):
+        with open(tmp / file, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():  # re-saving the same step: move the old one away first
-        trash = root / f".old-step-{step:08d}"
+    if final.exists():  # re-saving under the same name: move the old one away first
+        trash = root / f".old-{name}"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -198,13 +204,13 @@ def publish(run_dir: Path, step: int, keep_last: int) -> Path:
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
+    for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def prepare_temporary(run_dir: Path, step: int) -> Path:
-    tmp = temporary_dir(run_dir, step)
+def prepare_temporary(run_dir: Path, name: str) -> Path:
+    tmp = temporary_dir(run_dir, name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp

@@ -334,18 +334,21 @@ class Trainer:
         return metrics
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write the full training state atomically (all processes must call this)."""
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Write the full training state atomically to ``checkpoints/<name>`` (default ``step-NNNNNNNN``,
+        the checkpoints resume=auto and pruning consider; another name, e.g. per stage, is kept as is).
+        Every process must call this."""
         from adapters import adapter_state_dict
 
         step = self.state.global_step
+        name = name or ckpt.step_name(step)
         self.state.metrics_lines = self.writer.num_lines
         state = dataclasses.asdict(self.state)
         state["wall_time_s"] = self.wall_time()
         if self.is_main:
-            tmp = ckpt.prepare_temporary(self.run_dir, step)
+            ckpt.prepare_temporary(self.run_dir, name)
         self.accelerator.wait_for_everyone()
-        tmp = ckpt.temporary_dir(self.run_dir, step)
+        tmp = ckpt.temporary_dir(self.run_dir, name)
         ckpt.write_rng(tmp, self.rank)
         if self.is_main:
             objects = {
@@ -359,11 +362,12 @@ class Trainer:
                     "callbacks": [c.state_dict() for c in self.callbacks]}
             ckpt.write_main(tmp, adapter_state_dict(self.model), objects, meta)
         self.accelerator.wait_for_everyone()
-        final = ckpt.checkpoint_root(self.run_dir) / f"step-{step:08d}"
+        final = ckpt.checkpoint_root(self.run_dir) / name
         if self.is_main:
-            final = ckpt.publish(self.run_dir, step, int(self.tcfg.keep_last_checkpoints))
+            ckpt.publish(self.run_dir, name, int(self.tcfg.keep_last_checkpoints))
         self.accelerator.wait_for_everyone()
-        self._last_saved_step = step
+        if name == ckpt.step_name(step):
+            self._last_saved_step = step
         return final
 
     def load_checkpoint(self, path: Path, source_run: Path | None = None) -> None:
