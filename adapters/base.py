@@ -58,7 +58,10 @@ class _LowRankLinearFn(torch.autograd.Function):
         hg_t = h_t if gate is None else h_t * gate.unsqueeze(1)
         y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
         y.addmm_(hg_t.t(), lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, None if x_branch is None else xb2, h_t, weight, lora_A, lora_B, gate)
+        # with a separate branch input, x itself is needed only for the gradient of a trainable W
+        keep_x = x_branch is None or ctx.needs_input_grad[2]
+        ctx.save_for_backward(x2 if keep_x else None, None if x_branch is None else xb2, h_t, weight, lora_A, lora_B,
+                              gate)
         ctx.scaling = scaling
         ctx.shapes = (x.shape, None if x_branch is None else x_branch.shape)
         return y.view(*x.shape[:-1], weight.shape[0])

@@ -57,3 +57,21 @@ def test_quick_run_writes_the_report(bench, tmp_path):
     assert saved["targets"].keys() >= set(bench.TARGETS) | {"lora_merged_vs_plain"}
     table = bench.format_table(report)
     assert "| lora |" in table and "lora_vs_floor" in table
+
+
+def test_trainer_time_split(bench):
+    """Step 1.0 s, next batch 0.01 s, a log line 0.05 s after every 4th step, a checkpoint 0.5 s after the 8th."""
+    begin, end, t = [], [], 0.0
+    for step in range(1, 13):
+        begin.append(t)
+        t += 1.0
+        end.append(t)
+        t += 0.01 + (0.05 if step % 4 == 0 else 0.0) + (0.5 if step % 8 == 0 else 0.0)
+    clock = {"begin": begin, "end": end, "steps": list(range(1, 13))}
+    split = bench.split_trainer_time(clock, 32, log_every=4, save_every=8, default_log=20, default_save=100)
+    assert split["step_s"] == pytest.approx(1.0)
+    assert split["data_s"] == pytest.approx(0.01)
+    assert split["log_line_s"] == pytest.approx(0.05)
+    assert split["checkpoint_s"] == pytest.approx(0.5)
+    around = 0.01 + 0.05 / 20 + 0.5 / 100
+    assert split["overhead"] == pytest.approx(around / (1.0 + around))
