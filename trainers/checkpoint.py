@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -229,6 +229,5 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dic
         try:
             loaded.append(torch.load(path / name, map_location="cpu", weights_only=True))
         except Exception as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"corrupt checkpoint {path}: cannot read {name} ({reason})") from None
+            raise UserError(f"corrupt checkpoint {path}: cannot read {name} ({first_line(exc)})") from None
     return weights, loaded[0], state, loaded[1]

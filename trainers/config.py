@@ -143,10 +143,16 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The config without Hydra's own ``hydra`` node."""
+    if "hydra" not in cfg:
+        return cfg
+    return OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check every key and value of a composed config; raise UserError with one line on the first problem."""
-    top = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
-    _check_keys(top, RootSchema, "config")
+    _check_keys(task_config(cfg), RootSchema, "config")
 
     adapter_name = cfg.adapter.get("name") if isinstance(cfg.adapter, DictConfig) else None
     _require(adapter_name in ADAPTER_SCHEMAS,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
 Rows = list[tuple[str, int]]
 SUBSET_SEED = 0  # max_*_samples subsets are the same for every training seed
@@ -136,9 +136,8 @@ def load_raw(name: str, data_root: str | None) -> RawSplits:
     try:
         return hub()
     except Exception as exc:  # offline, no cache, renamed dataset...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load dataset {name}: data_root is not set and the Hugging Face Hub failed "
-                        f"({reason[:150]}); set data_root=/path/to/data or the DATA_ROOT environment variable "
+                        f"({first_line(exc, 150)}); set data_root=/path/to/data or the DATA_ROOT environment variable "
                         f"to the folder holding {name}/") from None
 
 

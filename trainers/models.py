@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
 PACKAGE_PREFIX = "package:"
 # Adapter config keys handed to adapters.wrap_linears (beyond r, lora_alpha, lora_dropout, target_modules);
@@ -50,8 +50,7 @@ def _quiet_transformers():
 
 
 def _load_error(what: str, ref: str, exc: Exception) -> UserError:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(f"cannot load {what} {ref!r} ({reason}); Hub models need network access or a local copy "
+    return UserError(f"cannot load {what} {ref!r} ({first_line(exc)}); Hub models need network access or a local copy "
                      f"(set model.pretrained to a folder)")
 
 

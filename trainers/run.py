@@ -8,20 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainers.config import PRECISIONS, validate_config
-from trainers.errors import UserError
+from trainers.config import PRECISIONS, task_config, validate_config
+from trainers.errors import UserError, first_line
 from trainers.reports import has_results, write_metrics_json
 
 log = logging.getLogger(__name__)
-
-
-def _task_config(cfg: DictConfig) -> DictConfig:
-    """The config without the ``hydra`` node."""
-    if "hydra" not in cfg:
-        return cfg
-    return OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
 
 
 def resume_source(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -47,7 +40,7 @@ def resume_source(cfg: DictConfig, run_dir: Path) -> Path | None:
             raise UserError(f"run directory {run_dir} already holds results; resume={resume} needs a new run "
                             f"directory (or use resume=auto inside the old one)")
     if path is not None:
-        ckpt.check_compatible(path, _task_config(cfg))
+        ckpt.check_compatible(path, task_config(cfg))
     return path
 
 
@@ -59,7 +52,7 @@ def make_accelerator(cfg: DictConfig) -> Any:
         return Accelerator(mixed_precision=PRECISIONS[cfg.trainer.precision])
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"trainer.precision={cfg.trainer.precision} is not available here: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{first_line(exc)}") from None
 
 
 def user_callbacks(cfg: DictConfig) -> list[Any]:
@@ -73,7 +66,7 @@ def user_callbacks(cfg: DictConfig) -> list[Any]:
         try:
             callback = instantiate(spec)
         except Exception as exc:
-            raise UserError(f"cannot build trainer.callbacks.{name}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot build trainer.callbacks.{name}: {first_line(exc)}") from None
         if not isinstance(callback, TrainerCallback):
             raise UserError(f"trainer.callbacks.{name} is a {type(callback).__name__}, not a TrainerCallback")
         built.append(callback)
@@ -112,7 +105,7 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     status = status if status is not None else {}
     run_dir = Path(run_dir)
     status["may_write"] = not has_results(run_dir)
-    cfg = _task_config(cfg)
+    cfg = task_config(cfg)
     validate_config(cfg)  # before the heavy imports below, so config errors come back fast
     source = resume_source(cfg, run_dir)
 
