@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import LowRankLinear
+from .base import LowRankLinear, rank_reduce_tokens, rank_times_tokens
 
 
 def _accumulation(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class _DoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling):
         x2 = x.reshape(-1, x.shape[-1])
-        h_t = torch.mm(lora_A, x2.t())
+        h_t = rank_times_tokens(lora_A, x2)
         z = torch.mm(x2, weight.t())
         z.addmm_(h_t.t(), lora_B.t(), alpha=scaling)
         mag_scale = magnitude / norm
@@ -78,12 +78,12 @@ class _DoraLinearFn(torch.autograd.Function):
         fold = gy.shape[0] > weight.shape[1]  # scaling W (out, in) is cheaper than scaling gy (tokens, out)
         gz = gy if fold else gy * mag_scale
         if need_b:
-            grad_b = torch.mm(h_t, gz).mul_(s).t()
+            grad_b = rank_reduce_tokens(h_t, gz).mul_(s).t()
             grad_b = (grad_b * col if fold else grad_b).contiguous()
         if need_a or need_x:
-            dh_t = torch.mm((lora_B * col if fold else lora_B).t(), gz.t()).mul_(s)
+            dh_t = rank_times_tokens((lora_B * col if fold else lora_B).t(), gz).mul_(s)
             if need_a:
-                grad_a = torch.mm(dh_t, x2)
+                grad_a = rank_reduce_tokens(dh_t, x2)
             if need_x:
                 grad_x = torch.mm(gz, weight * col if fold else weight)
                 grad_x.addmm_(dh_t.t(), lora_A)

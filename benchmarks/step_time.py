@@ -182,6 +182,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class OtherLoad:
+    """The share of the machine's CPU time that other processes used between ``start()`` and ``share()``.
+
+    Linux only (``/proc``); elsewhere ``share()`` is None. A round of timings during which others
+    used more than a few percent is not comparable with the rest: on 2 cores, one busy neighbour
+    makes every parallel region wait for a descheduled thread.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int] | None = None
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        total = sum(fields[:8])
+        mine = sum(int(v) for v in own[11:15])  # utime, stime and those of waited-for children (fields 14-17)
+        return total, total - idle - mine
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        return max(end[1] - self._start[1], 0) / (end[0] - self._start[0])
+
+
 def interleaved_times(
     runs: dict[str, Callable[[], None]],
     rounds: int,
@@ -189,11 +222,15 @@ def interleaved_times(
     warmup: int,
     device: torch.device,
     clock: str = "wall",
+    max_other_load: float = 0.05,
+    log: dict[str, Any] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every function, timed round by round with a rotating order after ``warmup`` calls.
 
     ``clock`` is "wall" (``time.perf_counter``) or "cpu" (``time.thread_time``: the CPU time of this
     thread, which other processes on the machine hardly disturb; meaningful with one thread on CPU).
+    A round during which other processes used more than ``max_other_load`` of the CPU is discarded
+    and run again (at most ``rounds`` times in all); ``log`` receives what was discarded.
     """
     now = CLOCKS[clock]
     names = list(runs)
@@ -201,15 +238,30 @@ def interleaved_times(
         for name in names:
             runs[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for rnd in range(rounds):
-        shift = rnd % len(names)
+    load, discarded, shares = OtherLoad(), 0, []
+    rnd = 0
+    while rnd < rounds:
+        shift = (rnd + discarded) % len(names)
+        load.start()
+        this_round: dict[str, list[float]] = {name: [] for name in names}
         for name in names[shift:] + names[:shift]:
             for _ in range(steps_per_round):
                 _sync(device)
                 start = now()
                 runs[name]()
                 _sync(device)
-                times[name].append(now() - start)
+                this_round[name].append(now() - start)
+        share = load.share()
+        shares.append(share)
+        if share is not None and share > max_other_load and discarded < rounds:
+            discarded += 1
+            continue
+        for name in names:
+            times[name].extend(this_round[name])
+        rnd += 1
+    if log is not None:
+        log["rounds_discarded"] = discarded
+        log["other_load_per_round"] = [None if v is None else round(v, 3) for v in shares]
     return times
 
 
@@ -282,15 +334,19 @@ def bench_steps(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     clock: str = "wall",
+    log: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Variant]]:
-    """Median step time, peak memory and trainable parameters of every step variant."""
+    """Median step time, peak memory and trainable parameters of every step variant.
+
+    ``log`` receives the rounds discarded for other load (see ``interleaved_times``).
+    """
     device = torch.device(device)
     variants = {
         n: build_variant(n, base, r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, device=device, dtype=dtype)
         for n in names
     }
     runs = {n: (lambda v=v: v.step(batch)) for n, v in variants.items()}
-    times = interleaved_times(runs, rounds, steps_per_round, warmup, device, clock)
+    times = interleaved_times(runs, rounds, steps_per_round, warmup, device, clock, log=log)
     results = {}
     for name, variant in variants.items():
         results[name] = {
@@ -314,6 +370,7 @@ def bench_inference(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     clock: str = "wall",
+    log: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Eval-mode forward latency of the plain model and of our adapters merged into it (wrappers kept)."""
     device = torch.device(device)
@@ -334,7 +391,7 @@ def bench_inference(
             model(**inputs)
 
     runs = {n: (lambda m=m: forward(m)) for n, m in models.items()}
-    times = interleaved_times(runs, rounds, steps_per_round, warmup, device, clock)
+    times = interleaved_times(runs, rounds, steps_per_round, warmup, device, clock, log=log)
     plain = statistics.median(times["plain"])
     return {
         n: {"median_ms": 1e3 * statistics.median(t), "vs_plain": statistics.median(t) / plain,
@@ -526,6 +583,7 @@ def bench_end_to_end(
     log_every, save_every = 4, 8  # so that a short run holds log lines and a checkpoint to time
     result: dict[str, Any] = {"batch_size": batch_size, "seq_len": seq_len, "steps": steps, "rounds": rounds, **E2E}
     runs: dict[str, list[float]] = {"plain_loop_peft_lora": [], "plain_loop_lora": [], "trainer": []}
+    other_load: dict[str, list[float | None]] = {}
     splits: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench_sst2_") as packed_root:
         count = batch_size * steps
@@ -543,8 +601,10 @@ def bench_end_to_end(
         ]
         result["trainer_command"] = "python main.py " + " ".join(o for o in overrides if "data_root" not in o)
         names = list(runs)
+        load = OtherLoad()
         for rnd in range(rounds):
             for name in names[rnd % 3:] + names[:rnd % 3]:
+                load.start()
                 if name == "trainer":
                     clock, why = run_trainer(overrides)
                     if clock is None:
@@ -559,9 +619,12 @@ def bench_end_to_end(
                     runs[name].append(plain_loop_samples_per_second(
                         variant.model, tokenizer, sentences, labels, batch_size, seq_len, steps, device))
                     del variant
+                share = load.share()
+                other_load.setdefault(name, []).append(None if share is None else round(share, 3))
     for name, values in runs.items():
         result[f"{name}_samples_per_s"] = max(values) if values else None
         result[f"{name}_rounds"] = values
+    result["other_load_per_run"] = other_load
     if not splits:
         return result
     best = max(splits, key=lambda split: split["loop_samples_per_s"])
@@ -726,14 +789,16 @@ def run_benchmark(
     started = time.perf_counter()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     batch = make_batch(base, args.batch_size, args.seq_len, device)
+    timing: dict[str, Any] = {}
     steps, variants = bench_steps(
         base, batch, names, args.rounds, args.steps_per_round, args.warmup, args.r, args.lora_dropout, device, dtype,
-        args.clock,
+        args.clock, log=timing.setdefault("steps", {}),
     )
     inference = None
     if not args.skip_inference:
         inference = bench_inference(
-            base, variants, batch, args.rounds, args.steps_per_round, 1, device, dtype, args.clock
+            base, variants, batch, args.rounds, args.steps_per_round, 1, device, dtype, args.clock,
+            log=timing.setdefault("inference", {}),
         )
     del variants
     end_to_end = None
@@ -765,6 +830,7 @@ def run_benchmark(
         "steps": steps,
         "inference": inference,
         "end_to_end": end_to_end,
+        "rounds_discarded_for_other_load": timing,
     }
     report["targets"] = summarize(steps, inference, end_to_end)
     report["environment"]["loadavg_before"] = load_before

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from adapters import DoraLinear, GumbelLinear, LoraLinear, SoraLinear
+from adapters.base import _token_chunks, rank_reduce_tokens, rank_times_tokens
 
 CLASSES = [LoraLinear, DoraLinear, SoraLinear, GumbelLinear]
 EXACT = {"rtol": 1e-12, "atol": 1e-12}
@@ -125,3 +126,33 @@ def test_autocast_takes_the_plain_path():
     assert y.dtype == torch.bfloat16
     assert type(y.grad_fn).__name__ not in FUSED_NODES
     torch.testing.assert_close(y.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_rank_products_split_over_token_blocks(two_threads):
+    """On a multi-threaded CPU the rank-sized products run as batched GEMMs over token blocks."""
+    assert _token_chunks(1024, torch.device("cpu")) == 2
+    assert _token_chunks(1023, torch.device("cpu")) == 1  # not divisible: one plain GEMM
+    generator = torch.Generator().manual_seed(0)
+    left, tokens = (torch.randn(s, generator=generator, dtype=torch.float64) for s in ((4, 12), (1024, 12)))
+    left_t = torch.randn(4, 1024, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(rank_times_tokens(left, tokens), left @ tokens.T, **EXACT)
+    torch.testing.assert_close(rank_reduce_tokens(left_t, tokens), left_t @ tokens, **EXACT)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fused_equals_plain_with_token_blocks(cls, two_threads):
+    layer = make_layer(cls, bias=True, dropout=0.0)
+    x = torch.randn(4, 128, 12, dtype=torch.float64)  # 512 tokens: split in two blocks
+    y_fused, g_fused = run(layer, x, fused=True)
+    y_plain, g_plain = run(layer, x, fused=False)
+    torch.testing.assert_close(y_fused, y_plain, **EXACT)
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], **EXACT, msg=name)
