@@ -502,8 +502,10 @@ def plain_loop_samples_per_second(
     return (steps - 1) * batch_size / (time.perf_counter() - start)
 
 
-def run_trainer(overrides: list[str], timeout: float = 1200) -> tuple[dict[str, Any] | None, str]:
-    """Run ``python main.py <overrides>`` with a ``StepClock`` callback in a fresh run folder.
+def run_trainer(
+    overrides: list[str], env: dict[str, str] | None = None, timeout: float = 1200
+) -> tuple[dict[str, Any] | None, str]:
+    """Run ``python main.py <overrides>`` with a ``StepClock`` callback in a fresh run folder (environment ``env``).
 
     Returns (the clock's step timestamps plus main.py's metrics.json, "ok") or (None, why it failed).
     """
@@ -514,7 +516,7 @@ def run_trainer(overrides: list[str], timeout: float = 1200) -> tuple[dict[str, 
         cmd = [sys.executable, "main.py", *overrides, f"hydra.run.dir={run_dir}/run",
                "+trainer.callbacks.bench_clock._target_=benchmarks.trainer_clock.StepClock",
                f"+trainer.callbacks.bench_clock.path={clock}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         metrics_file = Path(run_dir) / "run" / "metrics.json"
         if proc.returncode != 0 or not metrics_file.is_file() or not clock.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -565,6 +567,7 @@ def bench_end_to_end(
     device: torch.device,
     dtype: torch.dtype,
     trainer_overrides: list[str],
+    trainer_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """SST-2 training samples/s of the trainer (main.py, LoRA) and of plain loops with PEFT and with ours.
 
@@ -577,6 +580,8 @@ def bench_end_to_end(
     if source is None:
         return {"status": "skipped", "reason": "SST-2 not found: set DATA_ROOT to the shared data folder"}
     from omegaconf import OmegaConf
+
+    env = {**os.environ, **(trainer_env or {})}
 
     defaults = OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml") if (ROOT / "conf").is_dir() else {}
     default_log, default_save = int(defaults.get("log_every_steps", 20)), int(defaults.get("save_every_steps", 100))
@@ -606,7 +611,7 @@ def bench_end_to_end(
             for name in names[rnd % 3:] + names[:rnd % 3]:
                 load.start()
                 if name == "trainer":
-                    clock, why = run_trainer(overrides)
+                    clock, why = run_trainer(overrides, env)
                     if clock is None:
                         result.update(status="trainer not measured", reason=why)
                         continue
@@ -756,8 +761,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                         help="wall (default) or cpu: this thread's CPU time, robust to other load (needs --threads 1)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=",".join(STEP_VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--skip-inference", action="store_true")
@@ -765,6 +770,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-steps", type=int, default=16, help="training steps of each end-to-end run")
     parser.add_argument("--e2e-rounds", type=int, default=2, help="rounds of the three end-to-end runs")
     parser.add_argument("--trainer-override", action="append", default=[], help="extra override for main.py")
+    parser.add_argument("--malloc", default="steady", choices=["steady", "default"],
+                        help="steady (default): pin glibc's mmap/trim thresholds (main.py too); default: leave them")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step, 1 warm-up, no e2e")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "step_time.json")
     args = parser.parse_args(argv)
@@ -808,7 +815,7 @@ def run_benchmark(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         end_to_end = bench_end_to_end(
             base, tokenizer, args.batch_size, args.seq_len, args.e2e_steps, args.r, args.e2e_rounds, device, dtype,
-            args.trainer_override,
+            args.trainer_override, MALLOC_ENV if args.malloc == "steady" else None,
         )
     report: dict[str, Any] = {
         "command": args.command,
@@ -825,6 +832,7 @@ def run_benchmark(
             "steps_per_round": args.steps_per_round,
             "warmup": args.warmup,
             "clock": args.clock,
+            "malloc": args.malloc,
         },
         "environment": environment(device, dtype, args.threads),
         "steps": steps,
@@ -841,8 +849,41 @@ def run_benchmark(
     return report
 
 
+MMAP_THRESHOLD = 1 << 25  # 32 MiB, the largest glibc accepts on 64-bit: smaller blocks come from the heap
+TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap instead of handing it back to the OS
+MALLOC_ENV = {  # the same for a child process (main.py), through glibc's environment variables
+    "GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}",
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+}
+
+
+def steady_malloc() -> bool:
+    """Pin glibc's mmap and trim thresholds (``mallopt``) so freed activations are reused, not unmapped.
+
+    With glibc's dynamic defaults, whether a step's large temporaries come back as fresh pages
+    (tens of thousands of page faults per step, 3-8% of a step here) depends on the allocation
+    history of the process, so it differs from variant to variant and run to run for reasons
+    that have nothing to do with the layers. jemalloc and tcmalloc behave like this setting.
+    Returns False where it does not apply (not Linux/glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.malloc == "steady" and not steady_malloc():
+        args.malloc = "default (mallopt unavailable)"
     report = run_benchmark(args, load_minilm(), MODEL_NAME, tokenizer_path=minilm_path())
     print(format_table(report))
     print(f"\nwrote {args.json} ({report['wall_s']:.0f} s)")
