@@ -745,6 +745,13 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict[
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "adapters", "benchmarks/*.py"], cwd=ROOT,
+                               capture_output=True, text=True)
+        env["commit"] = head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
     return env
 
 
