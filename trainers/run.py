@@ -49,10 +49,15 @@ def make_accelerator(cfg: DictConfig) -> Any:
     from accelerate import Accelerator
 
     try:
-        return Accelerator(mixed_precision=PRECISIONS[cfg.trainer.precision])
+        accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.trainer.precision])
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"trainer.precision={cfg.trainer.precision} is not available here: "
                         f"{first_line(exc)}") from None
+    if cfg.trainer.precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate silently runs fp16 autocast as float32 on a CPU: say so instead of training in fp32
+        raise UserError("trainer.precision=fp16 needs a GPU (on a CPU it would silently train in float32); "
+                        "use trainer.precision=bf16 or fp32")
+    return accelerator
 
 
 def user_callbacks(cfg: DictConfig) -> list[Any]:
