@@ -90,7 +90,8 @@ class Trainer:
         self.gate_sched: Any = None
         self.ddp_model = accelerator.prepare(model)
 
-        lengths = [len(ex["input_ids"]) for ex in data.train] if self.tcfg.group_by_length else None
+        by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
+        lengths = [len(ex["input_ids"]) for ex in data.train] if by_length else None
         self.sampler = EpochSampler(len(data.train), self.seed, self.rank, self.world_size, lengths=lengths,
                                     batch_size=self.tcfg.batch_size)
         self.batches_per_epoch = math.ceil(self.sampler.shard_size / self.tcfg.batch_size)
