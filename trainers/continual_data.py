@@ -109,12 +109,12 @@ class ContinualData:
         """Classes of tasks 0..task."""
         return [c for t in self.tasks[: task + 1] for c in t]
 
-    def task_data(self, task: int, loss_classes: str = "current") -> ClassificationData:
-        """Train on task ``task``'s examples (all seen tasks' with ``loss_classes=seen`` is still only the new
-        data: the loss just covers more logits); evaluate on every seen class."""
-        own, seen = set(self.tasks[task]), set(self.seen(task))
-        return ClassificationData([ex for ex in self.train if ex["labels"] in own],
-                                  [ex for ex in self.eval if ex["labels"] in seen], self.label_names)
+    def task_data(self, task: int) -> ClassificationData:
+        """Train and evaluation examples of task ``task``'s classes (the Trainer's evaluation covers only the
+        new task; the runner tests the earlier ones with the same Trainer afterwards)."""
+        own = set(self.tasks[task])
+        return ClassificationData([ex for ex in self.train if ex["labels"] in own], self.task_eval(task),
+                                  self.label_names)
 
     def task_eval(self, task: int) -> list[dict[str, Any]]:
         """Evaluation examples of task ``task``'s classes."""
@@ -122,8 +122,7 @@ class ContinualData:
         return [ex for ex in self.eval if ex["labels"] in own]
 
     def joint(self) -> ContinualData:
-        """One task holding every class (joint training, the upper bound); per-task evaluation is kept by
-        :attr:`eval_tasks` of the caller."""
+        """One task holding every class (joint training, the upper bound)."""
         return ContinualData(self.train, self.eval, self.label_names, [self.seen(len(self.tasks) - 1)], self.modality)
 
 
