@@ -199,3 +199,30 @@ def test_head_mask_hides_unseen_classes_and_their_gradients():
     model.classifier.eval()
     logits = model.classifier(x)
     assert torch.isfinite(logits[:, :4]).all() and (logits[:, 4:] == torch.finfo(logits.dtype).min).all()
+
+
+def test_cifar100_local_pickles_and_the_image_collator(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from trainers.continual_data import make_image_collator
+
+    base = tmp_path / "cifar100" / "cifar-100-python"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("test", 200)):
+        labels = [i % 100 for i in range(n)]
+        data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
+        (base / split).write_bytes(pickle.dumps({"data": data, "fine_labels": labels}))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    data = build_continual_data(dataset_cfg("cifar100_cl", num_tasks=2), str(tmp_path))
+    assert [len(t) for t in data.tasks] == [10, 10] and data.tasks[0] == task_split(100, 10, order_seed=1993)[0]
+    assert {ex["labels"] for ex in data.task_data(1).train} == set(data.tasks[1])
+    assert len(data.task_data(0).train) == 30 and data.train[0]["image"].shape == (32, 32, 3)
+    batch = make_image_collator(48, 3)(data.train[:4])
+    assert batch["pixel_values"].shape == (4, 3, 48, 48) and batch["labels"].tolist() == [ex["labels"] for ex in
+                                                                                          data.train[:4]]
+    assert batch["pixel_values"].min() >= -1.0 and batch["pixel_values"].max() <= 1.0
+    gray = make_image_collator(28, 1)([{"image": np.full((28, 28), 255, np.uint8), "labels": 3}])
+    assert torch.equal(gray["pixel_values"], torch.ones(1, 1, 28, 28))  # (1 - 0.5) / 0.5
