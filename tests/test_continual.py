@@ -226,3 +226,17 @@ def test_cifar100_local_pickles_and_the_image_collator(tmp_path):
     assert batch["pixel_values"].min() >= -1.0 and batch["pixel_values"].max() <= 1.0
     gray = make_image_collator(28, 1)([{"image": np.full((28, 28), 255, np.uint8), "labels": 3}])
     assert torch.equal(gray["pixel_values"], torch.ones(1, 1, 28, 28))  # (1 - 0.5) / 0.5
+
+
+def test_gate_logits_get_their_own_learning_rate_group():
+    from trainers.optimizers import build_sora_optimizers
+
+    model = tiny_gumbel_model(2)
+    gate_opt, base_opt = build_sora_optimizers(model, base_lr=1e-3, logit_lr=0.05, weight_decay=0.01)
+    assert gate_opt is None and len(base_opt.param_groups) == 2
+    logits = {id(layer.gate_logits) for layer in adapter_layers(model, GumbelLinear).values()}
+    group = base_opt.param_groups[1]
+    assert {id(p) for p in group["params"]} == logits and group["lr"] == 0.05 and group["weight_decay"] == 0.0
+    assert not logits & {id(p) for p in base_opt.param_groups[0]["params"]}
+    _, plain = build_sora_optimizers(model, base_lr=1e-3)  # without logit_lr: one group, as before
+    assert len(plain.param_groups) == 1 and logits <= {id(p) for p in plain.param_groups[0]["params"]}

@@ -48,6 +48,7 @@ class GumbelSchema(LoraSchema):
     lambda_sparsity: float = MISSING
     growth_threshold: float = MISSING
     conditional_growth: bool = MISSING
+    gate_logit_lr: float | None = MISSING
 
 
 @dataclass
@@ -205,6 +206,8 @@ def validate_config(cfg: DictConfig) -> None:
         _require(0 < adapter.anneal_rate <= 1, f"adapter.anneal_rate must be in (0, 1] (got {adapter.anneal_rate})")
         _require(adapter.lambda_sparsity >= 0,
                  f"adapter.lambda_sparsity must be >= 0 (got {adapter.lambda_sparsity})")
+        _require(adapter.gate_logit_lr is None or adapter.gate_logit_lr > 0,
+                 f"adapter.gate_logit_lr must be null or > 0 (got {adapter.gate_logit_lr})")
 
     for key in ("max_train_samples", "max_eval_samples"):
         value = dataset[key]

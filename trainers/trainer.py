@@ -83,7 +83,8 @@ class Trainer:
         self._optimizer_args = dict(base_lr=float(self.tcfg.base_lr),
                                     gate_lr=float(adapter.get("gate_lr", self.tcfg.base_lr)),
                                     betas=tuple(self.tcfg.betas), weight_decay=float(self.tcfg.weight_decay),
-                                    threshold_mode=str(adapter.get("threshold_mode", "lr_scaled")))
+                                    threshold_mode=str(adapter.get("threshold_mode", "lr_scaled")),
+                                    logit_lr=adapter.get("gate_logit_lr"))
         self.gate_opt, self.base_opt = build_sora_optimizers(model, sparse_lambda=stages[0].sparse_lambda,
                                                              **self._optimizer_args)
         self.base_sched: Any = None
