@@ -283,24 +283,26 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
         else:
             trainer.start_fresh()
         metrics = trainer.train()
-        known = {} if cfg.dataset.joint else {t: metrics["eval_accuracy"]}  # the Trainer tested task t already
-        row, counts = _evaluate_tasks(trainer, data, eval_upto, collate, known)
+        decision = conditional_growth(model, t, cfg.adapter, run_dir, accelerator.is_main_process) if is_gumbel else {}
+        # tested after the growth decision (the model that goes on); the Trainer's own test of task t still holds
+        # unless adapter t was just pruned
+        unchanged = not cfg.dataset.joint and decision.get("kept", True)
+        row, counts = _evaluate_tasks(trainer, data, eval_upto, collate,
+                                      {t: metrics["eval_accuracy"]} if unchanged else {})
         record: dict[str, Any] = {"task": t, "acc_row": row, "eval_counts": counts,
                                   "train_examples": len(task_data.train), "steps": trainer.state.global_step,
                                   "train_time_s": trainer.state.train_time_s,
-                                  "eval_loss": metrics["eval_loss"]}
+                                  "eval_loss": metrics["eval_loss"], **decision}
         log.info("after task %d: accuracy on each seen task %s", t, [round(a, 4) for a in row])
-        if is_gumbel:
-            record.update(conditional_growth(model, t, cfg.adapter, run_dir, accelerator.is_main_process))
+        now = time.perf_counter()
+        state["wall_time_s"] += now - segment_start
+        segment_start = now
+        state["tasks"].append(record)  # every process keeps the state; the main one writes it
         if accelerator.is_main_process:
             task_dir.mkdir(parents=True, exist_ok=True)
             tmp = task_dir / f".{FINAL_ADAPTER}.tmp"
             save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(tmp))
             tmp.replace(task_dir / FINAL_ADAPTER)
-            now = time.perf_counter()
-            state["wall_time_s"] += now - segment_start
-            segment_start = now
-            state["tasks"].append(record)
             writer.log({"step": t, "split": "task", **record})
             atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1))
         accelerator.wait_for_everyone()
