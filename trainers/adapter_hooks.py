@@ -37,10 +37,19 @@ class GumbelTemperature(TrainerCallback):
     def tau(self, step: int) -> float:
         return max(self.tau_final, self.tau_init * self.anneal_rate ** step)
 
-    def on_step_begin(self, trainer: Trainer) -> None:
+    def _set(self, trainer: Trainer) -> None:
         from adapters import set_gumbel_tau
 
         set_gumbel_tau(trainer.model, self.tau(trainer.state.global_step))
+
+    def on_train_begin(self, trainer: Trainer) -> None:  # a resumed run evaluates with the tau of its step too
+        self._set(trainer)
+
+    def on_step_begin(self, trainer: Trainer) -> None:
+        self._set(trainer)
+
+    def on_step_end(self, trainer: Trainer) -> None:  # evaluations after a step use that step's tau
+        self._set(trainer)
 
     def log_values(self, trainer: Trainer) -> dict[str, float]:
         return {"tau": self.tau(trainer.state.global_step)}

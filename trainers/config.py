@@ -47,6 +47,8 @@ class GumbelSchema(LoraSchema):
     anneal_rate: float = MISSING
     lambda_sparsity: float = MISSING
     growth_threshold: float = MISSING
+    conditional_growth: bool = MISSING
+    gate_logit_lr: float | None = MISSING
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ModelSchema:
     tokenizer: str | None = MISSING
     config: dict[str, Any] | None = MISSING
     modules_to_save: list[str] = MISSING
+    modality: str = "text"
 
 
 @dataclass
@@ -64,6 +67,19 @@ class DatasetSchema:
     max_train_samples: int | None = MISSING
     max_eval_samples: int | None = MISSING
     max_seq_length: int = MISSING
+
+
+@dataclass
+class ContinualDatasetSchema(DatasetSchema):
+    """Class-incremental datasets (trainers/continual_data.py): the classes are cut into tasks."""
+
+    num_tasks: int | None = MISSING
+    classes_per_task: int = MISSING
+    order_seed: int | None = MISSING
+    max_train_per_class: int | None = MISSING
+    max_eval_per_class: int | None = MISSING
+    loss_classes: str = MISSING
+    joint: bool = MISSING
 
 
 @dataclass
@@ -114,6 +130,9 @@ ADAPTER_SCHEMAS: dict[str, type] = {
     "gumbel": GumbelSchema,
 }
 SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema}
+# datasets whose keys differ from DatasetSchema (by dataset.name)
+DATASET_SCHEMAS: dict[str, type] = {name: ContinualDatasetSchema
+                                    for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -158,8 +177,10 @@ def validate_config(cfg: DictConfig) -> None:
     _require(adapter_name in ADAPTER_SCHEMAS,
              f"unknown adapter.name {adapter_name!r} (choose from: {', '.join(sorted(ADAPTER_SCHEMAS))})")
     adapter = _check_keys(cfg.adapter, ADAPTER_SCHEMAS[adapter_name], "adapter")
-    _check_keys(cfg.model, ModelSchema, "model")
-    dataset = _check_keys(cfg.dataset, DatasetSchema, "dataset")
+    model = _check_keys(cfg.model, ModelSchema, "model")
+    _require(model.modality in ("text", "image"), f"model.modality must be text or image (got {model.modality!r})")
+    dataset_name = cfg.dataset.get("name") if isinstance(cfg.dataset, DictConfig) else None
+    dataset = _check_keys(cfg.dataset, DATASET_SCHEMAS.get(dataset_name, DatasetSchema), "dataset")
     schedule_name = cfg.schedule.get("name") if isinstance(cfg.schedule, DictConfig) else None
     _require(schedule_name in SCHEDULE_SCHEMAS,
              f"unknown schedule.name {schedule_name!r} (choose from: {', '.join(sorted(SCHEDULE_SCHEMAS))})")
@@ -185,11 +206,17 @@ def validate_config(cfg: DictConfig) -> None:
         _require(0 < adapter.anneal_rate <= 1, f"adapter.anneal_rate must be in (0, 1] (got {adapter.anneal_rate})")
         _require(adapter.lambda_sparsity >= 0,
                  f"adapter.lambda_sparsity must be >= 0 (got {adapter.lambda_sparsity})")
+        _require(adapter.gate_logit_lr is None or adapter.gate_logit_lr > 0,
+                 f"adapter.gate_logit_lr must be null or > 0 (got {adapter.gate_logit_lr})")
 
     for key in ("max_train_samples", "max_eval_samples"):
         value = dataset[key]
         _require(value is None or value > 0, f"dataset.{key} must be null or > 0 (got {value})")
     _require(dataset.max_seq_length > 0, f"dataset.max_seq_length must be > 0 (got {dataset.max_seq_length})")
+    if dataset_name in DATASET_SCHEMAS:
+        from trainers.continual_data import check_continual_config
+
+        check_continual_config(dataset)
 
     _require(trainer.epochs > 0 or (trainer.max_steps or 0) > 0,
              "trainer.epochs or trainer.max_steps must be > 0")

@@ -71,8 +71,11 @@ def load_tokenizer(model_cfg: Any) -> Any:
 
 
 def load_classifier(model_cfg: Any, num_labels: int) -> nn.Module:
-    """A sequence classifier with a fresh ``num_labels`` head: pretrained, or random from ``model.config``."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """A sequence classifier with a fresh ``num_labels`` head: pretrained, or random from ``model.config``.
+    ``model.modality: image`` loads an image classifier (e.g. ViT) instead."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if model_cfg.get("modality", "text") == "image" else None
 
     with _quiet_transformers():
         if model_cfg.pretrained is None:
@@ -86,10 +89,11 @@ def load_classifier(model_cfg: Any, num_labels: int) -> nn.Module:
                 config = AutoConfig.for_model(model_type, num_labels=num_labels, **kwargs)
             except Exception as exc:
                 raise UserError(f"bad model.config: {exc}") from None
-            return AutoModelForSequenceClassification.from_config(config)
+            return (auto or AutoModelForSequenceClassification).from_config(config)
         ref = model_cfg.pretrained
         try:
-            return AutoModelForSequenceClassification.from_pretrained(resolve_source(ref), num_labels=num_labels)
+            return (auto or AutoModelForSequenceClassification).from_pretrained(
+                resolve_source(ref), num_labels=num_labels, **({"ignore_mismatched_sizes": True} if auto else {}))
         except UserError:
             raise
         except Exception as exc:

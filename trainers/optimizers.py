@@ -17,6 +17,11 @@ def is_gate_parameter(name: str) -> bool:
     return name == "gate" or name.endswith(".gate")
 
 
+def is_gate_logit_parameter(name: str) -> bool:
+    """Gumbel CL-LoRA task-gate logits (``*.gate_logits``): their own AdamW param group, see ``logit_lr``."""
+    return name.endswith(".gate_logits")
+
+
 class ProximalAdamW(torch.optim.AdamW):
     """AdamW without weight decay followed by the L1 proximal step (soft-thresholding).
 
@@ -70,21 +75,30 @@ def set_sparse_lambda(optimizer: torch.optim.Optimizer | None, value: float) -> 
 def build_sora_optimizers(model: nn.Module, base_lr: float = 1e-4, gate_lr: float = 1e-3,
                           sparse_lambda: float = 0.0, betas: tuple[float, float] = (0.9, 0.98),
                           weight_decay: float = 0.01, threshold_mode: str = "lr_scaled",
-                          ) -> tuple[ProximalAdamW | None, torch.optim.AdamW]:
+                          logit_lr: float | None = None) -> tuple[ProximalAdamW | None, torch.optim.AdamW]:
     """Return ``(gate_opt, base_opt)``.
 
     ``gate_opt`` is a :class:`ProximalAdamW` over the trainable ``*.gate`` parameters (``None`` when
     the model has none); ``base_opt`` is an AdamW with ``weight_decay`` over every other trainable
-    parameter (adapters and the task head).
+    parameter (adapters and the task head). With ``logit_lr``, task-gate logits (``*.gate_logits``) form a
+    second param group of ``base_opt`` with that learning rate and no weight decay.
     """
-    gates, base = [], []
+    gates, base, logits = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (gates if is_gate_parameter(name) else base).append(param)
+            if is_gate_parameter(name):
+                gates.append(param)
+            elif logit_lr is not None and is_gate_logit_parameter(name):
+                logits.append(param)
+            else:
+                base.append(param)
     if not base:
         raise ValueError("the model has no trainable parameters besides gates; was an adapter applied?")
     betas = (float(betas[0]), float(betas[1]))
-    base_opt = torch.optim.AdamW(base, lr=base_lr, betas=betas, weight_decay=weight_decay)
+    groups: list[dict[str, Any]] = [{"params": base}]
+    if logits:
+        groups.append({"params": logits, "lr": float(logit_lr), "weight_decay": 0.0})
+    base_opt = torch.optim.AdamW(groups, lr=base_lr, betas=betas, weight_decay=weight_decay)
     gate_opt = ProximalAdamW(gates, lr=gate_lr, betas=betas, sparse_lambda=sparse_lambda,
                              threshold_mode=threshold_mode) if gates else None
     return gate_opt, base_opt

@@ -16,8 +16,9 @@ METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "trainable_params",
-                   "train_samples_per_second", "wall_time_s")
-RESULT_FILES = (METRICS_JSON, METRICS_JSONL, "checkpoints", "adapter")
+                   "train_samples_per_second", "wall_time_s",
+                   "acc_final", "aaa", "forgetting", "active_adapters", "total_adapters", "adapter_params")  # continual
+RESULT_FILES = (METRICS_JSON, METRICS_JSONL, "checkpoints", "adapter", "tasks")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -164,7 +165,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         keys.extend(k for k in row.get("_swept", []) if k not in keys)
     varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
-    metrics = ["eval_accuracy", "eval_loss", "gate_zero_ratio", "wall_time_s"]
+    metrics = ["eval_accuracy", "eval_loss", "gate_zero_ratio", "aaa", "forgetting", "active_adapters",
+               "adapter_params", "wall_time_s"]
     columns = ["job", *(varying or ["overrides"]), *[m for m in metrics if any(r.get(m) is not None for r in rows)],
                "status"]
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]

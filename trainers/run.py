@@ -112,6 +112,12 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     status["may_write"] = not has_results(run_dir)
     cfg = task_config(cfg)
     validate_config(cfg)  # before the heavy imports below, so config errors come back fast
+    from trainers.continual_data import is_continual
+
+    if is_continual(cfg.dataset):  # class-incremental: the task loop around the same Trainer
+        from trainers.continual import train_continual
+
+        return train_continual(cfg, run_dir, status, started_at)
     source = resume_source(cfg, run_dir)
 
     from accelerate.utils import set_seed

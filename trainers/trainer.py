@@ -83,14 +83,16 @@ class Trainer:
         self._optimizer_args = dict(base_lr=float(self.tcfg.base_lr),
                                     gate_lr=float(adapter.get("gate_lr", self.tcfg.base_lr)),
                                     betas=tuple(self.tcfg.betas), weight_decay=float(self.tcfg.weight_decay),
-                                    threshold_mode=str(adapter.get("threshold_mode", "lr_scaled")))
+                                    threshold_mode=str(adapter.get("threshold_mode", "lr_scaled")),
+                                    logit_lr=adapter.get("gate_logit_lr"))
         self.gate_opt, self.base_opt = build_sora_optimizers(model, sparse_lambda=stages[0].sparse_lambda,
                                                              **self._optimizer_args)
         self.base_sched: Any = None
         self.gate_sched: Any = None
         self.ddp_model = accelerator.prepare(model)
 
-        lengths = [len(ex["input_ids"]) for ex in data.train] if self.tcfg.group_by_length else None
+        by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
+        lengths = [len(ex["input_ids"]) for ex in data.train] if by_length else None
         self.sampler = EpochSampler(len(data.train), self.seed, self.rank, self.world_size, lengths=lengths,
                                     batch_size=self.tcfg.batch_size)
         self.batches_per_epoch = math.ceil(self.sampler.shard_size / self.tcfg.batch_size)
