@@ -56,7 +56,8 @@ def test_xi_values_are_float_safe():
 
 
 def test_default_schedule_is_six_stages_of_three_epochs():
-    cfg = make(["adapter=sora", "schedule=xi_stages"])
+    cfg = make(["schedule=xi_stages"])
+    assert cfg.adapter.name == "sora"  # the schedule selects SoRA unless adapter=... is given
     validate_config(cfg)
     stages = build_stages(cfg)
     assert [s.sparse_lambda for s in stages] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
