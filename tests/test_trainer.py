@@ -124,7 +124,8 @@ def test_user_callbacks_from_the_config(tmp_path):
     from _trainer_helpers import Recorder
 
     calls = Recorder.last.calls
-    assert calls[0] == "on_train_begin" and calls[1] == "on_stage_begin" and calls[-1] == "on_train_end"
+    assert calls[0] == "on_train_begin" and calls[1] == "on_stage_begin"
+    assert calls[-2:] == ["on_train_end", "on_run_end"]  # on_run_end: run.py, after the final metrics
     assert calls.count("on_step_end") == metrics["global_step"] == calls.count("on_step_begin")
     assert "on_evaluate" in calls and "on_stage_end" in calls
 

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class GateL1Loss(TrainerCallback):
-    """The official SoRA code's extra loss ``l1_lambda * sum(|g|)`` over every gate."""
+    """The official SoRA code's extra loss ``l1_lambda * mean(|g|)``: the sum of |g| over every gate entry of
+    every layer divided by the number of entries (one global mean, not a mean of per-layer means)."""
 
     def __init__(self, l1_lambda: float) -> None:
         self.l1_lambda = float(l1_lambda)
@@ -24,7 +25,8 @@ class GateL1Loss(TrainerCallback):
         gates = [p for n, p in trainer.model.named_parameters() if is_gate_parameter(n) and p.requires_grad]
         if not gates:
             return {}
-        return {"gate_l1": self.l1_lambda * torch.stack([g.abs().sum() for g in gates]).sum()}
+        total = sum(g.numel() for g in gates)
+        return {"gate_l1": self.l1_lambda * torch.stack([g.abs().sum() for g in gates]).sum() / total}
 
 
 class GumbelTemperature(TrainerCallback):
@@ -68,7 +70,10 @@ class GumbelSparsityLoss(TrainerCallback):
 
 
 def _sora_hooks(adapter_cfg: Any) -> list[TrainerCallback]:
-    return [GateL1Loss(adapter_cfg.l1_lambda)] if adapter_cfg.l1_lambda > 0 else []
+    from trainers.sora_report import SoraFinish, SoraStageReport
+
+    hooks: list[TrainerCallback] = [GateL1Loss(adapter_cfg.l1_lambda)] if adapter_cfg.l1_lambda > 0 else []
+    return hooks + [SoraStageReport(), SoraFinish()]
 
 
 def _gumbel_hooks(adapter_cfg: Any) -> list[TrainerCallback]:

@@ -53,6 +53,11 @@ class TrainerCallback:
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After the final evaluation and checkpoint."""
 
+    def on_run_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        """Once per process after training, with the final metrics (``result``, written to metrics.json
+        afterwards; a hook may add keys) and before the adapter is exported: end-of-run work such as
+        SoRA's pruning, which changes the model."""
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state saved in checkpoints (for callbacks that keep state)."""
         return {}

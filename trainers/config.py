@@ -88,6 +88,17 @@ class ConstantScheduleSchema:
 
 
 @dataclass
+class XiStagesScheduleSchema:
+    name: str = MISSING
+    xi_start: float = MISSING
+    xi_max: float = MISSING
+    xi_step: float = MISSING
+    epochs_per_stage: int = MISSING
+    max_steps_per_stage: int | None = MISSING
+    reset_optimizers: bool = MISSING
+
+
+@dataclass
 class TrainerSchema:
     epochs: int = MISSING
     max_steps: int | None = MISSING
@@ -107,6 +118,7 @@ class TrainerSchema:
     save_every_steps: int = MISSING
     keep_last_checkpoints: int = MISSING
     num_workers: int = MISSING
+    save_merged: bool = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,7 +141,7 @@ ADAPTER_SCHEMAS: dict[str, type] = {
     "sora": SoraSchema,
     "gumbel": GumbelSchema,
 }
-SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema}
+SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema, "xi_stages": XiStagesScheduleSchema}
 # datasets whose keys differ from DatasetSchema (by dataset.name)
 DATASET_SCHEMAS: dict[str, type] = {name: ContinualDatasetSchema
                                     for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}
@@ -184,7 +196,7 @@ def validate_config(cfg: DictConfig) -> None:
     schedule_name = cfg.schedule.get("name") if isinstance(cfg.schedule, DictConfig) else None
     _require(schedule_name in SCHEDULE_SCHEMAS,
              f"unknown schedule.name {schedule_name!r} (choose from: {', '.join(sorted(SCHEDULE_SCHEMAS))})")
-    _check_keys(cfg.schedule, SCHEDULE_SCHEMAS[schedule_name], "schedule")
+    schedule = _check_keys(cfg.schedule, SCHEDULE_SCHEMAS[schedule_name], "schedule")
     trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
 
     _require(adapter.r > 0, f"adapter.r must be > 0 (got {adapter.r})")
@@ -209,6 +221,22 @@ def validate_config(cfg: DictConfig) -> None:
         _require(adapter.gate_logit_lr is None or adapter.gate_logit_lr > 0,
                  f"adapter.gate_logit_lr must be null or > 0 (got {adapter.gate_logit_lr})")
 
+    if schedule_name == "xi_stages":
+        _require(adapter_name == "sora", f"schedule=xi_stages schedules SoRA's gate sparsity; it needs adapter=sora "
+                                         f"(got adapter={adapter_name})")
+        _require(0 <= schedule.xi_start <= schedule.xi_max and schedule.xi_step > 0,
+                 f"schedule.xi_start/xi_max/xi_step must satisfy 0 <= xi_start <= xi_max and xi_step > 0 "
+                 f"(got {schedule.xi_start}, {schedule.xi_max}, {schedule.xi_step})")
+        _require(schedule.epochs_per_stage > 0 or (schedule.max_steps_per_stage or 0) > 0,
+                 "schedule.epochs_per_stage or schedule.max_steps_per_stage must be > 0")
+        _require(schedule.max_steps_per_stage is None or schedule.max_steps_per_stage > 0,
+                 f"schedule.max_steps_per_stage must be null or > 0 (got {schedule.max_steps_per_stage})")
+        from trainers.schedules import xi_values
+
+        try:
+            xi_values(schedule.xi_start, schedule.xi_max, schedule.xi_step)
+        except ValueError as exc:
+            raise UserError(f"schedule: {exc}") from None
     for key in ("max_train_samples", "max_eval_samples"):
         value = dataset[key]
         _require(value is None or value > 0, f"dataset.{key} must be null or > 0 (got {value})")

@@ -45,7 +45,8 @@ class RunDirGuard(Callback):
 
 
 class SweepSummary(Callback):
-    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table."""
+    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table; with
+    SoRA jobs also ``sweep_curve.png`` (accuracy against gate zero ratio and kept adapter parameters)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _is_main_process():
@@ -58,3 +59,8 @@ class SweepSummary(Callback):
         path = write_summary(sweep_dir, rows)
         failed = sum(r["status"] != "completed" for r in rows)
         print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)
+        from trainers.sora_report import plot_sweep
+
+        plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep
+        if plot is not None:
+            print(f"Accuracy vs sparsity plot: {plot}", flush=True)

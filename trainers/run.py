@@ -150,6 +150,8 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     status["may_write"] = True
     metrics = trainer.train()
     result = trainer.final_metrics(metrics)
+    for callback in trainer.callbacks:
+        callback.on_run_end(trainer, result)
     if accelerator.is_main_process:
         export_adapter(model, run_dir)
         write_metrics_json(run_dir, result)

@@ -7,6 +7,7 @@ register a builder in :data:`SCHEDULES` and their config schema in ``trainers.co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,34 @@ def constant_stages(cfg: Any) -> list[Stage]:
     return [Stage("train", cfg.trainer.epochs, cfg.trainer.max_steps, float(cfg.sparse_lambda))]
 
 
-SCHEDULES: dict[str, Callable[[Any], list[Stage]]] = {"constant": constant_stages}
+MAX_STAGES = 1000
+
+
+def xi_values(xi_start: float, xi_max: float, xi_step: float) -> list[float]:
+    """xi_start, xi_start + xi_step, ..., up to xi_max inclusive, without float drift.
+
+    The count is ``floor((xi_max - xi_start) / xi_step + 1e-9) + 1`` (0.0..0.5 by 0.1 gives 6 values, where
+    repeated float addition would stop at 0.4 or overshoot), each value ``xi_start + i * xi_step`` rounded
+    to 10 decimals.
+    """
+    if xi_step <= 0 or xi_start < 0 or xi_max < xi_start:
+        raise ValueError(f"need 0 <= xi_start <= xi_max and xi_step > 0 (got {xi_start}, {xi_max}, {xi_step})")
+    count = math.floor((xi_max - xi_start) / xi_step + 1e-9) + 1
+    if count > MAX_STAGES:
+        raise ValueError(f"xi_start..xi_max by xi_step gives {count} stages (more than {MAX_STAGES})")
+    return [round(xi_start + i * xi_step, 10) for i in range(count)]
+
+
+def xi_stages(cfg: Any) -> list[Stage]:
+    """SoRA's Algorithm 1: one stage per xi value with ``sparse_lambda = xi``, ``epochs_per_stage`` epochs
+    (or ``max_steps_per_stage`` steps) each; the trainer gives every stage a fresh lr schedule."""
+    sched = cfg.schedule
+    values = xi_values(float(sched.xi_start), float(sched.xi_max), float(sched.xi_step))
+    return [Stage(f"{i}-xi{xi:g}", int(sched.epochs_per_stage), sched.max_steps_per_stage, xi,
+                  bool(sched.reset_optimizers)) for i, xi in enumerate(values)]
+
+
+SCHEDULES: dict[str, Callable[[Any], list[Stage]]] = {"constant": constant_stages, "xi_stages": xi_stages}
 
 
 def build_stages(cfg: Any) -> list[Stage]:

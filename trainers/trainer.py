@@ -361,7 +361,8 @@ class Trainer:
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             }
             meta = {"state": state, "config": ckpt.config_fingerprint(self.cfg), "world_size": self.world_size,
-                    "callbacks": [c.state_dict() for c in self.callbacks]}
+                    "callbacks": [c.state_dict() for c in self.callbacks],
+                    "callback_types": [type(c).__name__ for c in self.callbacks]}
             ckpt.write_main(tmp, adapter_state_dict(self.model), objects, meta)
         self.accelerator.wait_for_everyone()
         final = ckpt.checkpoint_root(self.run_dir) / name
@@ -388,9 +389,7 @@ class Trainer:
         try:
             fields = {f.name for f in dataclasses.fields(TrainerState)}
             self.state = TrainerState(**{k: v for k, v in meta["state"].items() if k in fields})
-            if len(meta.get("callbacks", [])) == len(self.callbacks):
-                for callback, cb_state in zip(self.callbacks, meta["callbacks"], strict=True):
-                    callback.load_state_dict(cb_state)
+            self._load_callback_states(meta)
             if objects["gate_opt"] is None and self.gate_opt is not None:
                 raise ValueError("it has no gate optimizer state")
         except (KeyError, TypeError, ValueError) as exc:
@@ -402,6 +401,22 @@ class Trainer:
         self._last_saved_step = self.state.global_step
         self.writer.restart(self.state.metrics_lines, source_run)
         log.info("resumed from %s (step %d)", path, self.state.global_step)
+
+    def _load_callback_states(self, meta: dict[str, Any]) -> None:
+        """Give every callback the saved state of the same class (in order), so adding or removing a user
+        callback on resume (``trainer.callbacks`` may change) does not lose the adapter hooks' states."""
+        states = meta.get("callbacks", [])
+        types = meta.get("callback_types")
+        if types is None:  # older checkpoints: by position, when the count matches
+            if len(states) == len(self.callbacks):
+                for callback, cb_state in zip(self.callbacks, states, strict=True):
+                    callback.load_state_dict(cb_state)
+            return
+        saved = list(zip(types, states, strict=True))
+        for callback in self.callbacks:
+            match = next((i for i, (kind, _) in enumerate(saved) if kind == type(callback).__name__), None)
+            if match is not None:
+                callback.load_state_dict(saved.pop(match)[1])
 
     def start_fresh(self) -> None:
         """Begin a new run: empty metrics.jsonl."""
