@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.data import SUBSET_SEED, ClassificationData, load_raw, subset, tokenize
-from trainers.errors import UserError, first_line
+from trainers.data import SUBSET_SEED, ClassificationData, load_raw, read_local_or_hub, subset, tokenize
+from trainers.errors import UserError
 
 # continual dataset name -> (underlying dataset, modality)
 CONTINUAL_DATASETS: dict[str, tuple[str, str]] = {
@@ -195,20 +195,7 @@ IMAGE_READERS: dict[str, tuple[Callable[[Path], tuple], Callable[[], tuple] | No
 
 
 def _load_images(source: str, data_root: str | None) -> tuple[list, list, list[str]]:
-    local, hub = IMAGE_READERS[source]
-    if data_root is not None:
-        folder = Path(data_root).expanduser() / source
-        if not folder.is_dir():
-            raise UserError(f"missing data folder {folder} for dataset {source} (check data_root / DATA_ROOT)")
-        return local(folder)
-    if hub is None:
-        raise UserError(f"dataset {source} is read from local files only: set data_root (or DATA_ROOT) to the folder "
-                        f"holding {source}/")
-    try:
-        return hub()
-    except Exception as exc:
-        raise UserError(f"cannot load dataset {source}: data_root is not set and the Hugging Face Hub failed "
-                        f"({first_line(exc, 150)}); set data_root=/path/to/data") from None
+    return read_local_or_hub(source, data_root, *IMAGE_READERS[source])
 
 
 Collator = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]

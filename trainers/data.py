@@ -123,22 +123,30 @@ READERS: dict[str, tuple[Callable[[Path], RawSplits], Callable[[], RawSplits]]] 
 }
 
 
-def load_raw(name: str, data_root: str | None) -> RawSplits:
-    """Read a dataset from ``<data_root>/<name>/`` or, when data_root is null, from the Hub."""
-    if name not in READERS:
-        raise UserError(f"unknown dataset.name {name!r} (choose from: {', '.join(sorted(READERS))})")
-    local, hub = READERS[name]
+def read_local_or_hub(name: str, data_root: str | None, local: Callable[[Path], Any],
+                      hub: Callable[[], Any] | None) -> Any:
+    """``local(<data_root>/<name>)`` when data_root is set, else ``hub()``; UserErrors say what to set."""
     if data_root is not None:
         folder = Path(data_root).expanduser() / name
         if not folder.is_dir():
             raise UserError(f"missing data folder {folder} for dataset {name} (check data_root / DATA_ROOT)")
         return local(folder)
+    if hub is None:
+        raise UserError(f"dataset {name} is read from local files only: set data_root (or DATA_ROOT) to the folder "
+                        f"holding {name}/")
     try:
         return hub()
     except Exception as exc:  # offline, no cache, renamed dataset...
         raise UserError(f"cannot load dataset {name}: data_root is not set and the Hugging Face Hub failed "
                         f"({first_line(exc, 150)}); set data_root=/path/to/data or the DATA_ROOT environment variable "
                         f"to the folder holding {name}/") from None
+
+
+def load_raw(name: str, data_root: str | None) -> RawSplits:
+    """Read a dataset from ``<data_root>/<name>/`` or, when data_root is null, from the Hub."""
+    if name not in READERS:
+        raise UserError(f"unknown dataset.name {name!r} (choose from: {', '.join(sorted(READERS))})")
+    return read_local_or_hub(name, data_root, *READERS[name])
 
 
 def subset(rows: Rows, limit: int | None) -> Rows:
