@@ -56,6 +56,8 @@ class ModelSchema:
     tokenizer: str | None = MISSING
     config: dict[str, Any] | None = MISSING
     modules_to_save: list[str] = MISSING
+    gguf_file: str | None = None  # a GGUF file inside pretrained / tokenizer (transformers dequantises it)
+    embedding_targets: list[str] = field(default_factory=list)  # nn.Embedding modules given an Embedding LoRA
 
 
 @dataclass
@@ -64,6 +66,24 @@ class DatasetSchema:
     max_train_samples: int | None = MISSING
     max_eval_samples: int | None = MISSING
     max_seq_length: int = MISSING
+    task: str = "classification"
+
+
+@dataclass
+class CausalLMDatasetSchema(DatasetSchema):
+    eval_size: int = MISSING
+    split_seed: int = MISSING
+    separator: str = MISSING
+    generate_samples: int = MISSING
+    max_new_tokens: int = MISSING
+    show_samples: int = MISSING
+
+
+@dataclass
+class AlphaDoublingScheduleSchema:
+    name: str = MISSING
+    alpha_start: float = MISSING
+    alpha_growth: float = MISSING
 
 
 @dataclass
@@ -92,6 +112,7 @@ class TrainerSchema:
     keep_last_checkpoints: int = MISSING
     num_workers: int = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
+    eval_at_start: bool = False
 
 
 @dataclass
@@ -113,7 +134,8 @@ ADAPTER_SCHEMAS: dict[str, type] = {
     "sora": SoraSchema,
     "gumbel": GumbelSchema,
 }
-SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema}
+SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema, "alpha_doubling": AlphaDoublingScheduleSchema}
+DATASET_SCHEMAS: dict[str, type] = {"english_quotes": CausalLMDatasetSchema}  # datasets with keys of their own
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -159,7 +181,8 @@ def validate_config(cfg: DictConfig) -> None:
              f"unknown adapter.name {adapter_name!r} (choose from: {', '.join(sorted(ADAPTER_SCHEMAS))})")
     adapter = _check_keys(cfg.adapter, ADAPTER_SCHEMAS[adapter_name], "adapter")
     _check_keys(cfg.model, ModelSchema, "model")
-    dataset = _check_keys(cfg.dataset, DatasetSchema, "dataset")
+    dataset_name = cfg.dataset.get("name") if isinstance(cfg.dataset, DictConfig) else None
+    dataset = _check_keys(cfg.dataset, DATASET_SCHEMAS.get(dataset_name, DatasetSchema), "dataset")
     schedule_name = cfg.schedule.get("name") if isinstance(cfg.schedule, DictConfig) else None
     _require(schedule_name in SCHEDULE_SCHEMAS,
              f"unknown schedule.name {schedule_name!r} (choose from: {', '.join(sorted(SCHEDULE_SCHEMAS))})")
@@ -190,6 +213,13 @@ def validate_config(cfg: DictConfig) -> None:
         value = dataset[key]
         _require(value is None or value > 0, f"dataset.{key} must be null or > 0 (got {value})")
     _require(dataset.max_seq_length > 0, f"dataset.max_seq_length must be > 0 (got {dataset.max_seq_length})")
+    _require(dataset.task in ("classification", "causal_lm"),
+             f"dataset.task must be classification or causal_lm (got {dataset.task!r})")
+    if dataset.task == "causal_lm":
+        _check_causal_lm(dataset)
+    if schedule_name == "alpha_doubling":
+        _require(cfg.schedule.alpha_start > 0, f"schedule.alpha_start must be > 0 (got {cfg.schedule.alpha_start})")
+        _require(cfg.schedule.alpha_growth > 0, f"schedule.alpha_growth must be > 0 (got {cfg.schedule.alpha_growth})")
 
     _require(trainer.epochs > 0 or (trainer.max_steps or 0) > 0,
              "trainer.epochs or trainer.max_steps must be > 0")
@@ -208,6 +238,13 @@ def validate_config(cfg: DictConfig) -> None:
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume
     _require(resume is None or isinstance(resume, str), f"resume must be null, auto or a path (got {resume!r})")
+
+
+def _check_causal_lm(dataset: DictConfig) -> None:
+    for key in ("eval_size", "max_new_tokens"):
+        _require(dataset[key] > 0, f"dataset.{key} must be > 0 (got {dataset[key]})")
+    for key in ("generate_samples", "show_samples"):
+        _require(dataset[key] >= 0, f"dataset.{key} must be >= 0 (got {dataset[key]})")
 
 
 # --------------------------------------------------------------------------------------------- resolvers
