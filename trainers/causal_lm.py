@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 from trainers.tasks import Task
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ def read_quotes(data_root: str | None) -> list[Quote]:
             return [Quote(r["quote"].strip("“”"), list(r["tags"])) for r in rows if r["tags"]]
         except Exception as exc:
             raise UserError("cannot load dataset english_quotes: data_root is not set and the Hugging Face Hub failed "
-                            f"({str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__}); set "
-                            "data_root=/path/to/data or DATA_ROOT to the folder holding english_quotes/") from None
+                            f"({first_line(exc, 150)}); set data_root=/path/to/data or the DATA_ROOT environment "
+                            "variable to the folder holding english_quotes/") from None
     path = Path(data_root).expanduser() / "english_quotes" / "quotes.jsonl"
     if not path.is_file():
         raise UserError(f"missing data file(s) for dataset english_quotes: {path} (check data_root / DATA_ROOT)")
@@ -194,6 +194,7 @@ class CausalLMTask(Task):
         sep = str(dataset_cfg.separator)
         encoded_train = [encode_example(self.tokenizer, q, sep, length) for q in train]
         encoded_eval = [encode_example(self.tokenizer, q, sep, length) for q in held_out]
+        encoded_eval.sort(key=lambda ex: len(ex["input_ids"]))  # less padding; the metrics do not depend on the order
         self.generation = held_out[: int(dataset_cfg.generate_samples)]
         return CausalLMData(encoded_train, encoded_eval, self.generation)
 
