@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests._trainer_helpers import read_json, run_main, stderr_lines
+from tests._trainer_helpers import read_json, run_main, stderr_lines, without_timings
 from trainers.causal_lm import tag_f1
 from trainers.models import load_tokenizer
 
@@ -18,7 +19,7 @@ GENERATE = 4
 TINY_LM = ["model=tiny-random-llama", "dataset=english_quotes", "dataset.max_train_samples=24",
            "dataset.eval_size=8", f"dataset.generate_samples={GENERATE}", "dataset.max_new_tokens=6",
            "dataset.max_seq_length=48", "trainer.batch_size=8", "trainer.eval_batch_size=8",
-           "trainer.log_every_steps=1", "trainer.save_every_steps=0"]
+           "trainer.log_every_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,22 @@ def _check_samples(run, metrics, evals):
     assert metrics["tag_exact_match"] == pytest.approx(sum(r["exact_match"] for r in last) / len(last))
 
 
-def test_each_adapter_trains_with_alpha_doubling(tmp_path, tokenizer_dir):
-    sweep = tmp_path / "sweep"
-    proc = run_main(["-m", *TINY_LM, f"model.tokenizer={tokenizer_dir}", "adapter=lora,dora,sora",
-                     "schedule=alpha_doubling", "schedule.alpha_start=2", "schedule.alpha_growth=2",
-                     "trainer.epochs=2", f"hydra.sweep.dir={sweep}"], timeout=600)
+# 2 epochs of 3 steps with alpha doubling; a checkpoint at step 3, the epoch boundary
+DOUBLING = ["schedule=alpha_doubling", "schedule.alpha_start=2", "schedule.alpha_growth=2", "trainer.epochs=2",
+            "trainer.save_every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tokenizer_dir):
+    """One multirun: lora, dora and sora (jobs 0, 1, 2)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    proc = run_main(["-m", *TINY_LM, f"model.tokenizer={tokenizer_dir}", "adapter=lora,dora,sora", *DOUBLING,
+                     f"hydra.sweep.dir={folder}"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def test_each_adapter_trains_with_alpha_doubling(sweep):
     with (sweep / "summary.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["status"] for r in rows] == ["completed"] * 3
@@ -69,10 +80,25 @@ def test_each_adapter_trains_with_alpha_doubling(tmp_path, tokenizer_dir):
         assert (run / "adapter" / "adapter_config.json").is_file()
 
 
+def test_killed_at_the_epoch_boundary_resumes_with_the_right_alpha(sweep, tmp_path, tokenizer_dir):
+    args = [*TINY_LM, f"model.tokenizer={tokenizer_dir}", "adapter=lora", *DOUBLING]
+    kill = ["+trainer.callbacks.kill._target_=tests._trainer_helpers.KillAt", "+trainer.callbacks.kill.step=3",
+            "+trainer.callbacks.kill.where=step_begin"]  # after the checkpoint of step 3, the end of epoch 0
+    killed = run_main([*args, *kill, f"hydra.run.dir={tmp_path}"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_main([*args, "resume=auto", f"hydra.run.dir={tmp_path}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = sweep / "0"
+    assert without_timings(read_json(tmp_path / "metrics.json")) == without_timings(read_json(full / "metrics.json"))
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert (tmp_path / name).read_text() == (full / name).read_text()
+
+
 def test_embedding_lora_and_the_untrained_score(tmp_path, tokenizer_dir):
     run = tmp_path / "run"
     proc = run_main([*TINY_LM, f"model.tokenizer={tokenizer_dir}", "model.embedding_targets=[embed_tokens]",
-                     "trainer.eval_at_start=true", "trainer.max_steps=2", f"hydra.run.dir={run}"])
+                     "trainer.eval_at_start=true", "trainer.max_steps=2", "trainer.save_every_steps=0",
+                     f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_json(run / "metrics.json")
     evals = [r for r in _lines(run / "metrics.jsonl") if r["split"] == "eval"]
