@@ -59,6 +59,8 @@ class ModelSchema:
     config: dict[str, Any] | None = MISSING
     modules_to_save: list[str] = MISSING
     modality: str = "text"
+    gguf_file: str | None = None  # a GGUF file inside pretrained / tokenizer (transformers dequantises it)
+    embedding_targets: list[str] = field(default_factory=list)  # nn.Embedding modules given an Embedding LoRA
 
 
 @dataclass
@@ -67,6 +69,24 @@ class DatasetSchema:
     max_train_samples: int | None = MISSING
     max_eval_samples: int | None = MISSING
     max_seq_length: int = MISSING
+    task: str = "classification"
+
+
+@dataclass
+class CausalLMDatasetSchema(DatasetSchema):
+    eval_size: int = MISSING
+    split_seed: int = MISSING
+    separator: str = MISSING
+    generate_samples: int = MISSING
+    max_new_tokens: int = MISSING
+    show_samples: int = MISSING
+
+
+@dataclass
+class AlphaDoublingScheduleSchema:
+    name: str = MISSING
+    alpha_start: float = MISSING
+    alpha_growth: float = MISSING
 
 
 @dataclass
@@ -120,6 +140,7 @@ class TrainerSchema:
     num_workers: int = MISSING
     save_merged: bool = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
+    eval_at_start: bool = False
 
 
 @dataclass
@@ -141,10 +162,12 @@ ADAPTER_SCHEMAS: dict[str, type] = {
     "sora": SoraSchema,
     "gumbel": GumbelSchema,
 }
-SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema, "xi_stages": XiStagesScheduleSchema}
+SCHEDULE_SCHEMAS: dict[str, type] = {"constant": ConstantScheduleSchema, "xi_stages": XiStagesScheduleSchema,
+                                     "alpha_doubling": AlphaDoublingScheduleSchema}
 # datasets whose keys differ from DatasetSchema (by dataset.name)
-DATASET_SCHEMAS: dict[str, type] = {name: ContinualDatasetSchema
-                                    for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}
+DATASET_SCHEMAS: dict[str, type] = {"english_quotes": CausalLMDatasetSchema,
+                                    **{name: ContinualDatasetSchema
+                                       for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}}
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -241,10 +264,17 @@ def validate_config(cfg: DictConfig) -> None:
         value = dataset[key]
         _require(value is None or value > 0, f"dataset.{key} must be null or > 0 (got {value})")
     _require(dataset.max_seq_length > 0, f"dataset.max_seq_length must be > 0 (got {dataset.max_seq_length})")
-    if dataset_name in DATASET_SCHEMAS:
+    if DATASET_SCHEMAS.get(dataset_name) is ContinualDatasetSchema:
         from trainers.continual_data import check_continual_config
 
         check_continual_config(dataset)
+    _require(dataset.task in ("classification", "causal_lm"),
+             f"dataset.task must be classification or causal_lm (got {dataset.task!r})")
+    if dataset.task == "causal_lm":
+        _check_causal_lm(dataset)
+    if schedule_name == "alpha_doubling":
+        _require(cfg.schedule.alpha_start > 0, f"schedule.alpha_start must be > 0 (got {cfg.schedule.alpha_start})")
+        _require(cfg.schedule.alpha_growth > 0, f"schedule.alpha_growth must be > 0 (got {cfg.schedule.alpha_growth})")
 
     _require(trainer.epochs > 0 or (trainer.max_steps or 0) > 0,
              "trainer.epochs or trainer.max_steps must be > 0")
@@ -263,6 +293,13 @@ def validate_config(cfg: DictConfig) -> None:
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume
     _require(resume is None or isinstance(resume, str), f"resume must be null, auto or a path (got {resume!r})")
+
+
+def _check_causal_lm(dataset: DictConfig) -> None:
+    for key in ("eval_size", "max_new_tokens"):
+        _require(dataset[key] > 0, f"dataset.{key} must be > 0 (got {dataset[key]})")
+    for key in ("generate_samples", "show_samples"):
+        _require(dataset[key] >= 0, f"dataset.{key} must be >= 0 (got {dataset[key]})")
 
 
 # --------------------------------------------------------------------------------------------- resolvers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from trainers.errors import UserError, first_line
 
+log = logging.getLogger(__name__)
 PACKAGE_PREFIX = "package:"
 # Adapter config keys handed to adapters.wrap_linears (beyond r, lora_alpha, lora_dropout, target_modules);
 # the other keys (gate_lr, tau_*, ...) are used by the trainer and the adapter hooks.
@@ -23,14 +25,20 @@ WRAP_KWARGS: dict[str, dict[str, str]] = {
 }
 
 
-def resolve_source(ref: str) -> str:
-    """``package:<pkg>`` -> the ``model/`` folder inside that installed package; anything else unchanged."""
+def resolve_source(ref: str, gguf_file: str | None = None) -> str:
+    """``package:<pkg>`` -> the ``model/`` folder inside that installed package (with ``gguf_file``: the package
+    folder holding that file; the package is located with find_spec, never imported); anything else unchanged."""
     if not ref.startswith(PACKAGE_PREFIX):
         return ref
     package = ref[len(PACKAGE_PREFIX):]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"model package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    if gguf_file:
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if not (folder / gguf_file).is_file():
+            raise UserError(f"package {package!r} has no {gguf_file} at {folder}")
+        return str(folder)
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").is_file():
         raise UserError(f"package {package!r} has no model/config.json at {folder}")
@@ -61,13 +69,23 @@ def load_tokenizer(model_cfg: Any) -> Any:
     ref = model_cfg.tokenizer or model_cfg.pretrained
     if ref is None:
         raise UserError(f"model {model_cfg.name!r} sets neither model.tokenizer nor model.pretrained")
+    gguf = _gguf_kwargs(model_cfg, ref)
     try:
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(resolve_source(ref))
+            return AutoTokenizer.from_pretrained(resolve_source(ref, gguf.get("gguf_file")), **gguf)
     except UserError:
         raise
     except Exception as exc:
         raise _load_error("tokenizer", ref, exc) from None
+
+
+def _gguf_kwargs(model_cfg: Any, ref: str) -> dict[str, str]:
+    """``{"gguf_file": model.gguf_file}`` for ``ref`` (a package, Hub id or folder), except for a local folder
+    that does not hold that file (e.g. a tokenizer saved with save_pretrained)."""
+    gguf_file = model_cfg.get("gguf_file")
+    if not gguf_file or (Path(ref).is_dir() and not (Path(ref) / gguf_file).is_file()):
+        return {}
+    return {"gguf_file": str(gguf_file)}
 
 
 def load_classifier(model_cfg: Any, num_labels: int) -> nn.Module:
@@ -120,4 +138,53 @@ def build_model(model_cfg: Any, adapter_cfg: Any, num_labels: int) -> tuple[nn.M
     """Load the model and inject the adapter; returns ``(model, wrapped module names)``."""
     model = load_classifier(model_cfg, num_labels)
     wrapped = apply_adapter(model, adapter_cfg, list(model_cfg.modules_to_save or []))
+    return model, wrapped
+
+
+def load_causal_lm(model_cfg: Any) -> nn.Module:
+    """A causal LM: pretrained (a folder, a Hub id, or a GGUF file dequantised to float32), or random from
+    ``model.config``. Loading a GGUF file takes about 30 s (it is dequantised tensor by tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _quiet_transformers():
+        if model_cfg.pretrained is None:
+            if not model_cfg.config:
+                raise UserError(f"model {model_cfg.name!r} needs model.pretrained or model.config")
+            kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
+            model_type = kwargs.pop("model_type", None)
+            if model_type is None:
+                raise UserError("model.config needs a model_type (e.g. llama)")
+            try:
+                return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+            except Exception as exc:
+                raise UserError(f"bad model.config for a causal LM: {first_line(exc)}") from None
+        ref = model_cfg.pretrained
+        gguf = _gguf_kwargs(model_cfg, ref)
+        source = resolve_source(ref, gguf.get("gguf_file"))
+        if gguf:
+            log.info("loading %s from %s/%s (dequantising the GGUF file to float32 takes about 30 s)...",
+                     model_cfg.name, source, gguf["gguf_file"])
+        try:
+            return AutoModelForCausalLM.from_pretrained(source, **gguf)
+        except Exception as exc:
+            raise _load_error("causal LM", ref, exc) from None
+
+
+def build_causal_lm(model_cfg: Any, adapter_cfg: Any) -> tuple[nn.Module, list[str]]:
+    """Load a causal LM and inject the adapter (plus an Embedding LoRA on ``model.embedding_targets``)."""
+    model = load_causal_lm(model_cfg)
+    wrapped = apply_adapter(model, adapter_cfg, list(model_cfg.modules_to_save or []))
+    embeddings = list(model_cfg.get("embedding_targets") or [])
+    if embeddings:
+        if adapter_cfg.name != "lora":
+            raise UserError(f"model.embedding_targets needs adapter=lora (Embedding LoRA), "
+                            f"got adapter={adapter_cfg.name}")
+        from adapters import wrap_linears
+
+        try:  # no dropout: the inputs of an embedding are token ids
+            wrapped += wrap_linears(model, embeddings, adapter="lora", r=adapter_cfg.r,
+                                    lora_alpha=adapter_cfg.lora_alpha, lora_dropout=0.0,
+                                    use_rslora=bool(adapter_cfg.get("use_rslora", False)))
+        except ValueError as exc:
+            raise UserError(f"model.embedding_targets: {exc}") from None
     return model, wrapped

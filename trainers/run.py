@@ -123,25 +123,25 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     from accelerate.utils import set_seed
 
     from trainers.adapter_hooks import adapter_callbacks
-    from trainers.data import build_classification_data, make_collator
-    from trainers.models import build_model, load_tokenizer
-    from trainers.schedules import build_stages
+    from trainers.models import load_tokenizer
+    from trainers.schedules import build_stages, schedule_callbacks
+    from trainers.tasks import build_task
     from trainers.trainer import Trainer
 
     accelerator = make_accelerator(cfg)
     set_seed(int(cfg.seed))
     tokenizer = load_tokenizer(cfg.model)
-    data = build_classification_data(cfg.dataset, cfg.data_root, tokenizer)
-    model, wrapped = build_model(cfg.model, cfg.adapter, data.num_labels)
+    task = build_task(cfg, tokenizer)  # classification or causal LM: data, model, batch scores, evaluation
+    data = task.build_data(cfg.dataset, cfg.data_root)
+    model, wrapped = task.build_model(cfg.model, cfg.adapter, data)
     if accelerator.is_main_process:
-        log.info("%s on %s: %d modules wrapped, %d train / %d eval examples, %d labels, %d process(es) on %s",
-                 cfg.adapter.name, cfg.model.name, len(wrapped), len(data.train), len(data.eval), data.num_labels,
-                 accelerator.num_processes, accelerator.device)
+        log.info("%s on %s: %d modules wrapped, %s, %d process(es) on %s", cfg.adapter.name, cfg.model.name,
+                 len(wrapped), task.describe(data), accelerator.num_processes, accelerator.device)
     if cfg.sparse_lambda > 0 and not any(n.endswith(".gate") for n, _ in model.named_parameters()):
         log.warning("sparse_lambda=%s has no effect: adapter %s has no gates", cfg.sparse_lambda, cfg.adapter.name)
-    callbacks = adapter_callbacks(cfg.adapter) + user_callbacks(cfg)
-    trainer = Trainer(cfg, model, data, make_collator(tokenizer), accelerator, run_dir, build_stages(cfg), callbacks,
-                      started_at)
+    callbacks = adapter_callbacks(cfg.adapter) + schedule_callbacks(cfg) + user_callbacks(cfg)
+    trainer = Trainer(cfg, model, data, task.collator(), accelerator, run_dir, build_stages(cfg), callbacks,
+                      started_at, task=task)
     if source is not None:
         from_other_run = source.resolve().parent.parent != run_dir.resolve()
         trainer.load_checkpoint(source, source.parent.parent if from_other_run else None)

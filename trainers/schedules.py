@@ -56,9 +56,26 @@ def xi_stages(cfg: Any) -> list[Stage]:
                   bool(sched.reset_optimizers)) for i, xi in enumerate(values)]
 
 
-SCHEDULES: dict[str, Callable[[Any], list[Stage]]] = {"constant": constant_stages, "xi_stages": xi_stages}
+SCHEDULES: dict[str, Callable[[Any], list[Stage]]] = {"constant": constant_stages, "xi_stages": xi_stages,
+                                                       "alpha_doubling": constant_stages}
+
+
+def _alpha_doubling_hooks(cfg: Any) -> list[Any]:
+    from trainers.alpha_doubling import alpha_doubling_callbacks
+
+    return alpha_doubling_callbacks(cfg)
+
+
+# schedules that also change something during training register their TrainerCallbacks here
+SCHEDULE_CALLBACKS: dict[str, Callable[[Any], list[Any]]] = {"alpha_doubling": _alpha_doubling_hooks}
 
 
 def build_stages(cfg: Any) -> list[Stage]:
     """The stages of ``cfg.schedule``."""
     return SCHEDULES[cfg.schedule.name](cfg)
+
+
+def schedule_callbacks(cfg: Any) -> list[Any]:
+    """The TrainerCallbacks of ``cfg.schedule`` (none for most schedules)."""
+    build = SCHEDULE_CALLBACKS.get(cfg.schedule.name)
+    return build(cfg) if build else []

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
@@ -31,6 +30,7 @@ from trainers.errors import UserError
 from trainers.optimizers import build_sora_optimizers, build_warmup_scheduler, is_gate_parameter, set_sparse_lambda
 from trainers.reports import MetricsWriter
 from trainers.schedules import Stage
+from trainers.tasks import ClassificationTask, Task
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, model: nn.Module, data: ClassificationData, collate: Any,
                  accelerator: Accelerator, run_dir: Path, stages: list[Stage],
-                 callbacks: list[TrainerCallback] | None = None, started_at: float | None = None) -> None:
+                 callbacks: list[TrainerCallback] | None = None, started_at: float | None = None,
+                 task: Task | None = None) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.accelerator = accelerator
@@ -70,6 +71,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.data = data
         self.collate = collate
+        self.task = task if task is not None else ClassificationTask()  # training scores and evaluation metrics
         self.state = TrainerState()
         self.writer = MetricsWriter(self.run_dir, enabled=accelerator.is_main_process)
         self.seed = int(cfg.seed)
@@ -156,6 +158,8 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run the remaining stages; return the final evaluation metrics."""
         self._call("on_train_begin")
+        if self.tcfg.get("eval_at_start") and self.state.global_step == 0:
+            self.evaluate_if_needed()  # the score before any training (logged as the step-0 eval line)
         rng = self._pending.pop("rng", None)
         if rng is not None:  # last, after every model/optimizer construction that could draw numbers
             ckpt.set_rng_state(rng)
@@ -220,7 +224,7 @@ class Trainer:
         n = batch["labels"].shape[0]
         running = self.state.running
         running["loss_sum"] = running.get("loss_sum", 0.0) + outputs.loss.item() * n
-        running["correct"] = running.get("correct", 0.0) + float((outputs.logits.argmax(-1) == batch["labels"]).sum())
+        running["correct"] = running.get("correct", 0.0) + self.task.batch_correct(outputs, batch)
         running["count"] = running.get("count", 0.0) + n
         for name, value in extras.items():
             running[f"{name}_sum"] = running.get(f"{name}_sum", 0.0) + value.item() * n
@@ -308,27 +312,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """eval_loss and eval_accuracy over the evaluation set (and gate_zero_ratio for gated adapters)."""
+        """The task's metrics over the evaluation set (and gate_zero_ratio for gated adapters)."""
         model = self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
-        bar = tqdm(self.eval_loader, desc="eval", disable=None if self.is_main else True, leave=False,
-                   dynamic_ncols=True)
-        for batch in bar:
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            with self.accelerator.autocast():
-                logits = model(**batch).logits
-            logits = logits.float()
-            sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
-                                  (logits.argmax(-1) == labels).sum().item(), labels.shape[0]], dtype=torch.float64)
-            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}", acc=f"{sums[1].item() / sums[2].item():.3f}")
-        if self.world_size > 1:
-            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        metrics = self.task.evaluate(self, self.eval_loader)
         model.train(was_training)
-        loss_sum, correct, count = sums.tolist()
-        metrics = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
         if self.has_gates:
             from adapters import summarize_gate_sparsity
 
