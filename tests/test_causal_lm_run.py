@@ -121,3 +121,17 @@ def test_bad_causal_lm_settings_are_one_line_errors(tmp_path, tokenizer_dir, arg
     assert proc.returncode == 1
     lines = stderr_lines(proc)
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_sora_on_a_causal_lm_prunes_and_saves_a_merged_causal_lm(tmp_path, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    proc = run_main([*TINY_LM, f"model.tokenizer={tokenizer_dir}", "adapter=sora", "sparse_lambda=0.5",
+                     "adapter.gate_lr=0.5", "trainer.save_merged=true", f"hydra.run.dir={run}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = read_json(run / "sora_export.json")
+    assert report["merged_max_abs_logit_diff"] <= 1e-4 and report["pruned_max_abs_logit_diff"] <= 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -204,8 +204,9 @@ def check_batch(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def save_merged(trainer: Trainer, batch: dict[str, torch.Tensor], want: torch.Tensor) -> float:
     """Fold the adapter into a copy of the model, ``save_pretrained`` it (and the tokenizer) to ``merged/``,
-    reload it with ``AutoModelForSequenceClassification``; returns the max |logit difference|."""
-    from transformers import AutoModelForSequenceClassification
+    reload it with ``AutoModelForSequenceClassification`` (``AutoModelForCausalLM`` for causal-LM datasets);
+    returns the max |logit difference|."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from adapters import merge_model
     from trainers.models import load_tokenizer
@@ -216,7 +217,9 @@ def save_merged(trainer: Trainer, batch: dict[str, torch.Tensor], want: torch.Te
     merged.requires_grad_(False)
     merged.save_pretrained(out)
     load_tokenizer(trainer.cfg.model).save_pretrained(out)
-    reloaded = AutoModelForSequenceClassification.from_pretrained(out).to(trainer.accelerator.device)
+    causal = trainer.cfg.dataset.get("task", "classification") == "causal_lm"
+    auto_class = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    reloaded = auto_class.from_pretrained(out).to(trainer.accelerator.device)
     return _check("merging (reloaded from merged/)", _logits(reloaded, batch), want, trainer.cfg.trainer.precision)
 
 
