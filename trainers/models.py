@@ -88,30 +88,37 @@ def _gguf_kwargs(model_cfg: Any, ref: str) -> dict[str, str]:
     return {"gguf_file": str(gguf_file)}
 
 
+def random_model_config(model_cfg: Any, **overrides: Any) -> Any:
+    """The transformers config of a random model: ``AutoConfig.for_model(**model.config, **overrides)``."""
+    from transformers import AutoConfig
+
+    if not model_cfg.config:
+        raise UserError(f"model {model_cfg.name!r} needs model.pretrained or model.config")
+    kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise UserError("model.config needs a model_type (e.g. bert, llama or vit)")
+    try:
+        return AutoConfig.for_model(model_type, **overrides, **kwargs)
+    except Exception as exc:
+        raise UserError(f"bad model.config: {first_line(exc)}") from None
+
+
 def load_classifier(model_cfg: Any, num_labels: int) -> nn.Module:
     """A sequence classifier with a fresh ``num_labels`` head: pretrained, or random from ``model.config``.
     ``model.modality: image`` loads an image classifier (e.g. ViT) instead."""
-    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    auto = AutoModelForImageClassification if model_cfg.get("modality", "text") == "image" else None
+    image = model_cfg.get("modality", "text") == "image"
+    auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
 
     with _quiet_transformers():
         if model_cfg.pretrained is None:
-            if not model_cfg.config:
-                raise UserError(f"model {model_cfg.name!r} needs model.pretrained or model.config")
-            kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
-            model_type = kwargs.pop("model_type", None)
-            if model_type is None:
-                raise UserError("model.config needs a model_type (e.g. bert)")
-            try:
-                config = AutoConfig.for_model(model_type, num_labels=num_labels, **kwargs)
-            except Exception as exc:
-                raise UserError(f"bad model.config: {exc}") from None
-            return (auto or AutoModelForSequenceClassification).from_config(config)
+            return auto.from_config(random_model_config(model_cfg, num_labels=num_labels))
         ref = model_cfg.pretrained
         try:
-            return (auto or AutoModelForSequenceClassification).from_pretrained(
-                resolve_source(ref), num_labels=num_labels, **({"ignore_mismatched_sizes": True} if auto else {}))
+            return auto.from_pretrained(resolve_source(ref), num_labels=num_labels,
+                                        **({"ignore_mismatched_sizes": True} if image else {}))
         except UserError:
             raise
         except Exception as exc:
@@ -144,20 +151,11 @@ def build_model(model_cfg: Any, adapter_cfg: Any, num_labels: int) -> tuple[nn.M
 def load_causal_lm(model_cfg: Any) -> nn.Module:
     """A causal LM: pretrained (a folder, a Hub id, or a GGUF file dequantised to float32), or random from
     ``model.config``. Loading a GGUF file takes about 30 s (it is dequantised tensor by tensor)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with _quiet_transformers():
         if model_cfg.pretrained is None:
-            if not model_cfg.config:
-                raise UserError(f"model {model_cfg.name!r} needs model.pretrained or model.config")
-            kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
-            model_type = kwargs.pop("model_type", None)
-            if model_type is None:
-                raise UserError("model.config needs a model_type (e.g. llama)")
-            try:
-                return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
-            except Exception as exc:
-                raise UserError(f"bad model.config for a causal LM: {first_line(exc)}") from None
+            return AutoModelForCausalLM.from_config(random_model_config(model_cfg))
         ref = model_cfg.pretrained
         gguf = _gguf_kwargs(model_cfg, ref)
         source = resolve_source(ref, gguf.get("gguf_file"))
