@@ -59,3 +59,22 @@ def test_two_sweeps_started_together_get_two_folders(tmp_path):
         assert proc.returncode == 0
     sweeps = sorted(p.parent for p in tmp_path.glob("multirun/*/*/summary.csv"))
     assert len(sweeps) == 2 and sweeps[0] != sweeps[1]
+
+
+def test_resumed_sweep_with_a_changed_config_keeps_the_earlier_hydra_files(tmp_path):
+    sweep = tmp_path / "sweep"
+    assert run_main(["-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}"]).returncode == 0
+    before = {job: (sweep / job / ".hydra" / "config.yaml").read_text() for job in ("0", "1")}
+    metrics = {job: (sweep / job / "metrics.json").read_text() for job in ("0", "1")}
+    # base_lr differs from the checkpoints' config: every job is refused, and nothing of theirs may change
+    proc = run_main(["-m", *TINY, "seed=1,2", "trainer.base_lr=0.5", "resume=auto", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0 and "job 0 failed: checkpoint" in proc.stdout and "trainer.base_lr" in proc.stdout
+    for job in ("0", "1"):
+        assert (sweep / job / ".hydra" / "config.yaml").read_text() == before[job]
+        assert (sweep / job / "metrics.json").read_text() == metrics[job]
+        assert not (sweep / job / ".hydra.before-resume").exists()
+    # the same config resumes (nothing left to train) and keeps Hydra's new files, without a backup left over
+    proc = run_main(["-m", *TINY, "seed=1,2", "resume=auto", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "resume: auto" in (sweep / "0" / ".hydra" / "config.yaml").read_text()
+    assert not (sweep / "0" / ".hydra.before-resume").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,37 @@ class RunDirGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if config.get("resume") is None and sweep_dir.is_dir():
-            used = [p for p in sweep_dir.iterdir() if p.is_dir() and has_results(p)]
-            if used:
-                raise RunRefused(f"sweep directory {sweep_dir} already holds results (e.g. {used[0].name}/); pass "
-                                f"resume=auto to continue that sweep or choose another hydra.sweep.dir")
+        if not sweep_dir.is_dir():
+            return
+        used = [p for p in sweep_dir.iterdir() if p.is_dir() and has_results(p)]
+        if used and config.get("resume") is None:
+            raise RunRefused(f"sweep directory {sweep_dir} already holds results (e.g. {used[0].name}/); pass "
+                             f"resume=auto to continue that sweep or choose another hydra.sweep.dir")
+        for job_dir in used:  # Hydra rewrites .hydra/ before a job can check its checkpoint: keep the old files
+            backup_hydra_files(job_dir)
+
+
+HYDRA_BACKUP = ".hydra.before-resume"
+
+
+def backup_hydra_files(job_dir: Path) -> None:
+    """Copy ``job_dir/.hydra`` (the config an earlier run used) aside before a resumed sweep rewrites it."""
+    source = Path(job_dir) / ".hydra"
+    if source.is_dir():
+        shutil.copytree(source, Path(job_dir) / HYDRA_BACKUP, dirs_exist_ok=True)
+
+
+def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
+    """After a resumed sweep job: drop the backup (``keep_new``: the job took the folder over) or put the
+    earlier run's ``.hydra`` files back (the job was refused, e.g. its config does not fit the checkpoint)."""
+    backup = Path(run_dir) / HYDRA_BACKUP
+    if not backup.is_dir():
+        return
+    if not keep_new:
+        shutil.rmtree(Path(run_dir) / ".hydra", ignore_errors=True)
+        backup.rename(Path(run_dir) / ".hydra")
+    else:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 class SweepSummary(Callback):

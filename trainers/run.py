@@ -189,7 +189,7 @@ def run_job(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     status: dict[str, Any] = {}
     try:
-        return float(train_run(cfg, run_dir, status)["eval_accuracy"])
+        result = float(train_run(cfg, run_dir, status)["eval_accuracy"])
     except Exception as exc:
         record_failure(run_dir, exc, status)
         from trainers.cli import format_error, report_failure
@@ -201,3 +201,9 @@ def run_job(cfg: DictConfig) -> float:
             log.debug("run failed", exc_info=exc)
             return float("nan")
         raise
+    finally:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a resumed sweep job: keep or restore the earlier .hydra/ files
+            from trainers.hydra_callbacks import settle_hydra_files
+
+            settle_hydra_files(run_dir, keep_new=bool(status.get("may_write")))
+    return result
