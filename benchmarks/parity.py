@@ -18,14 +18,15 @@ import csv
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from adapters import adapter_layers, wrap_linears
+from adapters import adapter_layers, export_peft, wrap_linears
 
 R, ALPHA = 8, 16
 
@@ -43,30 +44,21 @@ def sentences(count: int) -> list[str]:
     return [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(count)]
 
 
-def build_pair(adapter: str, dropout: float) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Our model and PEFT's with identical (random, non-trivial) adapter and head weights."""
+def build_pair(adapter: str, dropout: float, folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our model and PEFT's with identical (random, non-trivial) adapter and head weights: ours goes to PEFT
+    through ``export_peft`` and ``PeftModel.from_pretrained``, the way a user would move it."""
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     reference = copy.deepcopy(base)
-    names = wrap_linears(base, "all-linear", adapter=adapter, r=R, lora_alpha=ALPHA, lora_dropout=dropout,
-                         modules_to_save=["classifier"])
+    wrap_linears(base, "all-linear", adapter=adapter, r=R, lora_alpha=ALPHA, lora_dropout=dropout,
+                 modules_to_save=["classifier"])
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in adapter_layers(base).values():
             layer.lora_B.normal_(0, 0.02, generator=generator)
             if adapter == "dora":
                 layer.magnitude.mul_(1 + 0.05 * torch.randn(layer.magnitude.shape, generator=generator))
-    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=names,
-                        use_dora=adapter == "dora", modules_to_save=["classifier"])
-    peft_model = get_peft_model(reference, config)
-    with torch.no_grad():
-        for name, layer in adapter_layers(base).items():
-            target = peft_model.base_model.model.get_submodule(name)
-            target.lora_A["default"].weight.copy_(layer.lora_A)
-            target.lora_B["default"].weight.copy_(layer.lora_B)
-            if adapter == "dora":
-                target.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
-        peft_model.base_model.model.classifier.modules_to_save["default"].load_state_dict(base.classifier.state_dict())
-    return base, peft_model
+    export_peft(base, folder)
+    return base, PeftModel.from_pretrained(reference, folder, is_trainable=True)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +88,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def measure(adapter: str, dropout: float, train: bool, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    ours, peft_model = build_pair(adapter, dropout)
+    with tempfile.TemporaryDirectory() as folder:
+        ours, peft_model = build_pair(adapter, dropout, Path(folder))
     logits_ours, grads_ours = run(ours, batch, train)
     logits_peft, grads_peft = run(peft_model, batch, train)
     reference = copy.deepcopy(ours).double()

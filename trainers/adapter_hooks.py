@@ -44,13 +44,10 @@ class GumbelTemperature(TrainerCallback):
 
         set_gumbel_tau(trainer.model, self.tau(trainer.state.global_step))
 
-    def on_train_begin(self, trainer: Trainer) -> None:  # a resumed run evaluates with the tau of its step too
+    def on_train_begin(self, trainer: Trainer) -> None:  # the first step's tau (and a resumed run's)
         self._set(trainer)
 
-    def on_step_begin(self, trainer: Trainer) -> None:
-        self._set(trainer)
-
-    def on_step_end(self, trainer: Trainer) -> None:  # evaluations after a step use that step's tau
+    def on_step_end(self, trainer: Trainer) -> None:  # the next step's tau, also used by evaluations in between
         self._set(trainer)
 
     def log_values(self, trainer: Trainer) -> dict[str, float]:

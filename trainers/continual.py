@@ -220,6 +220,7 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
     from adapters import (
         adapter_state_dict,
         add_gumbel_task,
+        count_trainable_parameters,
         gumbel_active_tasks,
         load_adapter_state_dict,
         lora_direction_parameters,
@@ -319,7 +320,7 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
         "num_tasks": len(data.tasks), "joint": bool(cfg.dataset.joint),
         "active_adapters": active, "total_adapters": total, "active_adapter_ratio": active / total,
         "adapter_params": int(lora_direction_parameters(model)),
-        "trainable_params_last_task": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "trainable_params_last_task": int(count_trainable_parameters(model)),
         "train_time_s": sum(r["train_time_s"] for r in tasks_done),
         "wall_time_s": state["wall_time_s"] + time.perf_counter() - segment_start,
         "status": "completed",

@@ -69,6 +69,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend, save to ``path`` and close the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy(acc_matrix: Matrix, counts: list[int] | None, path: Path, title: str = "") -> Path:
     """Accuracy on all seen classes after each task (bold) and on each task's own classes."""
     plt = _pyplot()
@@ -80,12 +90,7 @@ def plot_accuracy(acc_matrix: Matrix, counts: list[int] | None, path: Path, titl
         ax.plot(xs, [100 * acc_matrix[i][j] for i in xs], lw=0.8, alpha=0.7, label=f"task {j}")
     ax.set(xlabel="after task", ylabel="accuracy (%)", ylim=(0, 100), title=title or "Accuracy over tasks")
     ax.set_xticks(steps)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, path)
 
 
 def plot_beta_evolution(betas: list[list[float]], path: Path, threshold: float | None = None) -> Path:
@@ -97,12 +102,7 @@ def plot_beta_evolution(betas: list[list[float]], path: Path, threshold: float |
     if threshold is not None:
         ax.axhline(threshold, color="r", ls="--", lw=1, label="growth threshold")
     ax.set(xlabel="adapter (task index)", ylabel="beta (mean over layers)", title="Beta evolution")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, path)
 
 
 def plot_beta_heatmap(betas: list[list[float]], path: Path) -> Path:
