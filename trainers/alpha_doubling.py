@@ -21,6 +21,7 @@ class AlphaDoubling(TrainerCallback):
 
     def __init__(self, alpha_start: float, alpha_growth: float) -> None:
         self.alpha_start, self.alpha_growth = float(alpha_start), float(alpha_growth)
+        self._applied: float | None = None  # the alpha the layers hold, so steps within an epoch skip the walk
 
     def alpha(self, epoch: int) -> float:
         return self.alpha_start * self.alpha_growth ** epoch
@@ -29,9 +30,12 @@ class AlphaDoubling(TrainerCallback):
         from adapters import adapter_layers
 
         alpha = self.alpha(epoch)
+        if alpha == self._applied:
+            return
         for layer in adapter_layers(trainer.model).values():
             if layer.lora_alpha != alpha:
                 layer.set_lora_alpha(alpha)
+        self._applied = alpha
 
     def on_train_begin(self, trainer: Trainer) -> None:
         state = trainer.state  # at an epoch boundary: the epoch just trained (a finished run evaluates with it)

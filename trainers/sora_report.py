@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from trainers.callbacks import TrainerCallback
+from trainers.reports import atomic_write_text
 
 if TYPE_CHECKING:
     from trainers.schedules import Stage
@@ -67,13 +69,12 @@ def adapter_param_counts(model: nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- files
 def write_stages_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts with the keys of :data:`COLUMNS`) atomically; ``effective_ranks`` as JSON."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "effective_ranks": json.dumps(row["effective_ranks"], sort_keys=True)})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "effective_ranks": json.dumps(row["effective_ranks"], sort_keys=True)})
+    atomic_write_text(path, text.getvalue())
 
 
 def read_stages_csv(path: Path) -> list[dict[str, Any]]:
