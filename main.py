@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from trainers.cli import register_resolvers, run_cli
+from trainers.cli.app import register_resolvers, run_cli
 
 register_resolvers()
 
@@ -20,7 +20,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Build model, adapter, data and trainer from ``cfg``; train; return the validation accuracy."""
-    from trainers.run import run_job
+    from trainers.cli.job import run_job
 
     return run_job(cfg)
 

@@ -135,6 +135,19 @@ class _LowRankLinearFn(torch.autograd.Function):
         return grad_x, grad_xb, grad_w, grad_bias, grad_a, grad_b, grad_g, None
 
 
+def adapter_layers(model: nn.Module, kind: type[AdapterLayer] | None = None) -> dict[str, AdapterLayer]:
+    """Name -> layer for every adapter layer (of the given kind) in ``model``."""
+    kind = kind or AdapterLayer
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 def low_rank_linear(
     x: torch.Tensor,
     base_layer: nn.Linear,
@@ -158,6 +171,8 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_name: str = "base"
+    mergeable: bool = True              # merge_model folds it into W (False: refused, e.g. a stochastic gate)
+    peft_use_dora: bool | None = False  # PEFT's use_dora flag for this layer (None: fits either, e.g. embeddings)
 
     def __init__(
         self,
@@ -220,6 +235,19 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) update this adapter adds to the base weight."""
         raise NotImplementedError
+
+    def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """``(rank, tensors)`` in PEFT's LoRA format, keys relative to this module (``lora_A.weight``, ...).
+        Raises ValueError where PEFT has no format for the layer."""
+        return self.lora_A.shape[0], {"lora_A.weight": self.lora_A.detach(), "lora_B.weight": self.lora_B.detach()}
+
+    def is_frozen_direction(self, param_name: str) -> bool:
+        """True for adapter parameters that stay frozen when the model is wrapped (none by default)."""
+        return False
+
+    def direction_parameters(self) -> int:
+        """Entries of the LoRA factors (A and B) this layer keeps."""
+        return self.lora_A.numel() + self.lora_B.numel()
 
     def merge(self) -> None:
         """Fold the update into the frozen weight: W <- W + delta (additive adapters)."""

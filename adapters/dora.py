@@ -98,6 +98,7 @@ class DoraLinear(LowRankLinear):
     """y = (m / n) (W x + s B A x) + b with n = ||W + s B A||_row detached."""
 
     adapter_name = "dora"
+    peft_use_dora = True
 
     def __init__(
         self,
@@ -155,6 +156,10 @@ class DoraLinear(LowRankLinear):
                 return mag_scale * (result + lora)
             return mag_scale * (result - bias + lora) + bias
         return result + (mag_scale - 1) * F.linear(x_d, self.base_layer.weight) + mag_scale * lora
+
+    def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
+        rank, tensors = super().peft_tensors()
+        return rank, {**tensors, "lora_magnitude_vector": self.magnitude.detach()}
 
     def delta_weight(self) -> torch.Tensor:
         """W' - W where W' = (m / n) (W + s B A) is the merged weight."""

@@ -21,24 +21,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .base import AdapterLayer
-from .dora import DoraLinear
-from .gumbel import GumbelLinear
+from .base import adapter_layers
 from .inject import SAVED_ATTR
-from .lora import LoraEmbedding
-from .model_ops import adapter_layers
-from .sora import SoraLinear
 
 PREFIX = "base_model.model."
-
-
-def _peft_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as PEFT would hold them; SoRA's live gate is folded into B and zero ranks dropped."""
-    a, b = layer.lora_A.detach(), layer.lora_B.detach()
-    if isinstance(layer, SoraLinear):
-        keep = (layer.gate != 0).nonzero().flatten()
-        a, b = a[keep], b[:, keep] * layer.gate.detach()[keep]
-    return a, b
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -46,9 +32,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no adapter layers to export")
-    gumbel = [n for n, m in layers.items() if isinstance(m, GumbelLinear)]
-    if gumbel:
-        raise ValueError(f"PEFT has no format for Gumbel CL-LoRA layers (e.g. {gumbel[0]!r})")
+    exported = {}
+    for name, layer in layers.items():  # every layer says what it is in PEFT's format (or that it has none)
+        try:
+            exported[name] = layer.peft_tensors()
+        except ValueError as exc:
+            raise ValueError(f"{exc} (e.g. {name!r})") from None
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"unmerge the model before exporting (module {merged[0]!r} is merged)")
@@ -56,30 +45,24 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     if len(use_rslora) > 1:
         raise ValueError("cannot export a model that mixes rsLoRA and plain LoRA scaling")
     rslora = use_rslora.pop()
-    use_dora = any(isinstance(m, DoraLinear) for m in layers.values())
-    if use_dora and not all(isinstance(m, DoraLinear | LoraEmbedding) for m in layers.values()):
+    dora_flags = {m.peft_use_dora for m in layers.values()} - {None}
+    if len(dora_flags) > 1:
         raise ValueError("cannot export a model that mixes DoRA with other adapter kinds")
+    use_dora = dora_flags == {True}
 
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dropouts = set()
     for name, layer in layers.items():
-        a, b = _peft_factors(layer)
-        rank = a.shape[0]
+        rank, layer_tensors = exported[name]
         if rank == 0:
-            continue  # every gate of this SoRA layer is zero: the layer is its base layer again
+            continue  # e.g. every gate of a SoRA layer is zero: the layer is its base layer again
         ranks[name] = rank
         alphas[name] = layer.scaling * (math.sqrt(rank) if rslora else rank)
         dropouts.add(layer.lora_dropout_p)
-        if isinstance(layer, LoraEmbedding):
-            tensors[f"{PREFIX}{name}.lora_embedding_A"] = a
-            tensors[f"{PREFIX}{name}.lora_embedding_B"] = b
-        else:
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = a
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = b
-        if isinstance(layer, DoraLinear):
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.magnitude.detach()
+        for key, value in layer_tensors.items():
+            tensors[f"{PREFIX}{name}.{key}"] = value
     if not ranks:
         raise ValueError("every adapter rank was pruned away: there is nothing to export")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from entmax import sparsemax
 from torch import nn
 
-from .base import AdapterLayer, low_rank_linear
+from .base import AdapterLayer, adapter_layers, low_rank_linear
 
 
 def gumbel_sparsemax(logits: torch.Tensor, tau: float, noise: bool = True) -> torch.Tensor:
@@ -44,6 +44,7 @@ class GumbelLinear(AdapterLayer):
     """A continual-learning adapter on ``nn.Linear`` with per-task directions and a task gate."""
 
     adapter_name = "gumbel"
+    mergeable = False  # the gate is stochastic in training
 
     def __init__(
         self,
@@ -147,6 +148,18 @@ class GumbelLinear(AdapterLayer):
             delta = delta + coeff[t] * (self.lora_B[t] @ self.lora_A[t])
         return delta
 
+    def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
+        raise ValueError("PEFT has no format for Gumbel CL-LoRA layers")
+
+    def is_frozen_direction(self, param_name: str) -> bool:
+        """Earlier tasks' directions stay frozen."""
+        kind, _, index = param_name.partition(".")
+        return kind in ("lora_A", "lora_B") and int(index) < self.num_tasks - 1
+
+    def direction_parameters(self) -> int:
+        """A and B entries of the active tasks only (a pruned task's pair can be dropped)."""
+        return sum(self.lora_A[t].numel() + self.lora_B[t].numel() for t in self.active.nonzero().flatten().tolist())
+
     def gate_entropy(self) -> torch.Tensor:
         """Entropy of the gate used in the last forward pass (the sparsity loss term)."""
         if self.last_beta is None:
@@ -155,3 +168,50 @@ class GumbelLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tasks={self.num_tasks}, active={int(self.active.sum())}, tau={self.tau:g}"
+
+
+# -- model-level operations on every Gumbel layer ----------------------------------------------
+def set_gumbel_tau(model: nn.Module, tau: float) -> None:
+    """Set the Gumbel-Sparsemax temperature of every Gumbel CL-LoRA layer."""
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.tau = float(tau)
+
+
+def add_gumbel_task(model: nn.Module) -> int:
+    """Freeze and normalise every Gumbel layer's current direction and open one for a new task.
+
+    Returns the number of tasks per layer afterwards (0 when the model has no Gumbel layers).
+    """
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    for layer in layers:
+        layer.add_task()
+    return layers[0].num_tasks if layers else 0
+
+
+def prune_gumbel_task(model: nn.Module, task: int) -> None:
+    """Mask task ``task`` out of every Gumbel layer's gate (its beta becomes exactly 0)."""
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.prune_task(task)
+
+
+@torch.no_grad()
+def gumbel_betas(model: nn.Module) -> torch.Tensor:
+    """Deterministic (noise-free) gates of every Gumbel layer, stacked: shape (layers, tasks); (0, 0) if none."""
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    if not layers:
+        return torch.zeros(0, 0)
+    return torch.stack([layer.beta(noise=False).detach().float().cpu() for layer in layers])
+
+
+def gumbel_active_tasks(model: nn.Module) -> torch.Tensor:
+    """Which tasks are active (not pruned), as a bool vector over tasks (from the first Gumbel layer)."""
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    return layers[0].active.detach().cpu().clone() if layers else torch.zeros(0, dtype=torch.bool)
+
+
+def gumbel_sparsity_loss(model: nn.Module) -> torch.Tensor:
+    """Mean entropy of the task gates used in the last forward pass (0 without Gumbel layers)."""
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    if not layers:
+        return torch.zeros(())
+    return torch.stack([layer.gate_entropy() for layer in layers]).mean()

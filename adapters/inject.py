@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, replace_submodule
 from .dora import DoraLinear
 from .gumbel import GumbelLinear
 from .lora import LoraEmbedding, LoraLinear
@@ -23,7 +23,8 @@ ADAPTERS: dict[str, type[AdapterLayer]] = {
 # Module names that mark a task head: "all-linear" leaves them alone (they are trained in full
 # through ``modules_to_save`` instead), as PEFT does for the output layer.
 SAVED_ATTR = "adapter_modules_to_save"  # model attribute listing the fully trained modules
-HEAD_NAMES = frozenset({"classifier", "score", "lm_head", "head", "heads", "cls"})
+# The first entry found as a model attribute is the model's output head (see ``find_head``).
+HEAD_NAMES = ("classifier", "score", "lm_head", "head", "heads", "cls")
 
 
 def _inside_adapter(name: str, adapter_names: Iterable[str]) -> bool:
@@ -81,10 +82,13 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
     return list(selected)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def find_head(model: nn.Module) -> nn.Module:
+    """The model's task head: the first attribute named in :data:`HEAD_NAMES` (``classifier``, ``score``, ...).
+    ValueError when there is none."""
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return getattr(model, name)
+    raise ValueError(f"{type(model).__name__} has no head named {' or '.join(HEAD_NAMES)}")
 
 
 def make_adapter_layer(
@@ -142,24 +146,17 @@ def wrap_linears(
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in layers.items():
-        _set_submodule(model, name, layer)
+        replace_submodule(model, name, layer)
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             for pname, param in module.named_parameters():
-                if not pname.startswith("base_layer.") and not _is_frozen_direction(module, pname):
+                if not pname.startswith("base_layer.") and not module.is_frozen_direction(pname):
                     param.requires_grad_(True)
     saved = set(getattr(model, SAVED_ATTR, [])) | set(to_save)
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     setattr(model, SAVED_ATTR, sorted(saved))
     return names
-
-
-def _is_frozen_direction(module: AdapterLayer, pname: str) -> bool:
-    if not isinstance(module, GumbelLinear):
-        return False
-    kind, _, index = pname.partition(".")
-    return kind in ("lora_A", "lora_B") and int(index) < module.num_tasks - 1
 
 
 def find_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:

@@ -44,6 +44,7 @@ class LoraEmbedding(AdapterLayer):
     """
 
     adapter_name = "lora"
+    peft_use_dora = None  # PEFT keeps embeddings plain LoRA next to DoRA linears
 
     def __init__(
         self,
@@ -74,6 +75,9 @@ class LoraEmbedding(AdapterLayer):
             x, self.lora_A.T, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq, emb.sparse
         )
         return result + F.linear(after_a * self.scaling, self.lora_B)
+
+    def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
+        return self.r, {"lora_embedding_A": self.lora_A.detach(), "lora_embedding_B": self.lora_B.detach()}
 
     def delta_weight(self) -> torch.Tensor:
         """The (num_embeddings, dim) update to the embedding table."""

@@ -1,64 +1,40 @@
-"""Operations over every adapter layer of a model: merge, prune, sparsity, state dicts, counts."""
+"""Operations over every adapter layer of a model: merge, state dicts, counts (method-specific ones live next
+to their layer, e.g. ``adapters/sora.py``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import AdapterLayer
-from .gumbel import GumbelLinear
-from .inject import SAVED_ATTR, _set_submodule
-from .sora import SoraLinear
-
-
-def adapter_layers(model: nn.Module, kind: type[AdapterLayer] = AdapterLayer) -> dict[str, AdapterLayer]:
-    """Name -> layer for every adapter layer of the given kind in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+from .base import adapter_layers, replace_submodule
+from .inject import SAVED_ATTR
 
 
 def merge_model(model: nn.Module, unload: bool = False) -> None:
-    """Merge every mergeable adapter into its base weight; with ``unload`` put the plain layer back."""
-    for name, layer in adapter_layers(model).items():
-        if isinstance(layer, GumbelLinear):
-            raise ValueError(f"module {name!r}: Gumbel CL-LoRA layers are not merged (their gate is stochastic)")
+    """Merge every adapter into its base weight; with ``unload`` put the plain layer back. ValueError (before
+    anything changes) when a layer cannot be merged."""
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        if not layer.mergeable:
+            raise ValueError(f"module {name!r}: {type(layer).__name__} layers are not merged "
+                             f"(e.g. Gumbel CL-LoRA: the gate is stochastic)")
+    for name, layer in layers.items():
         layer.merge()
         if unload:
-            _set_submodule(model, name, layer.base_layer)
+            replace_submodule(model, name, layer.base_layer)
 
 
 def unmerge_model(model: nn.Module) -> None:
     """Undo ``merge_model`` (without ``unload``) on every adapter layer."""
     for layer in adapter_layers(model).values():
-        if not isinstance(layer, GumbelLinear):
+        if layer.mergeable:
             layer.unmerge()
 
 
-def prune_sora_model(model: nn.Module) -> dict[str, int]:
-    """Drop the zero-gated ranks of every SoRA layer (outputs unchanged); returns name -> new rank."""
-    ranks = {}
-    for name, layer in adapter_layers(model, SoraLinear).items():
-        layer.prune()
-        ranks[name] = layer.r
-    return ranks
-
-
-def merge_sora_model(model: nn.Module) -> None:
-    """Fold every SoRA layer into its base weight and replace it by the plain ``nn.Linear``."""
-    for name, layer in adapter_layers(model, SoraLinear).items():
-        layer.merge()
-        _set_submodule(model, name, layer.base_layer)
-
-
-def summarize_gate_sparsity(model: nn.Module) -> float:
-    """Fraction of SoRA gate entries that are exactly zero (0.0 when the model has no gates)."""
-    gates = [layer.gate.detach() for layer in adapter_layers(model, SoraLinear).values()]
-    total = sum(g.numel() for g in gates)
-    return sum(int((g == 0).sum()) for g in gates) / total if total else 0.0
-
-
-def effective_ranks(model: nn.Module) -> dict[str, int]:
-    """Name -> number of non-zero gates, for every SoRA layer."""
-    return {name: layer.effective_rank() for name, layer in adapter_layers(model, SoraLinear).items()}
+def lora_direction_parameters(model: nn.Module) -> int:
+    """Number of LoRA direction entries (A and B) the model keeps, summed over its adapter layers
+    (for Gumbel layers only the active tasks' pairs)."""
+    return sum(layer.direction_parameters() for layer in adapter_layers(model).values())
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

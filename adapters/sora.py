@@ -3,7 +3,7 @@
     y = W x + b + s * B (g ⊙ (A dropout(x))),      g: (r,)
 
 The gate g is trained by its own proximal optimizer (soft-thresholding drives entries to exactly
-zero; see ``trainers.optimizers``). A rank whose gate is 0 contributes nothing, so ``prune`` drops it:
+zero; see ``trainers.methods.sora``). A rank whose gate is 0 contributes nothing, so ``prune`` drops it:
 A keeps the rows and B the columns of the surviving ranks, g is folded into B and reset to ones,
 and the outputs are unchanged while the stored rank shrinks. The scaling s is kept as it was.
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LowRankLinear, low_rank_linear
+from .base import LowRankLinear, adapter_layers, low_rank_linear, replace_submodule
 
 GATE_INITS = ("ones", "randn")
 
@@ -54,6 +54,12 @@ class SoraLinear(LowRankLinear):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B * (self.gate * self.scaling)) @ self.lora_A
 
+    def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Plain LoRA factors: zero-gated ranks dropped, the gate folded into B."""
+        keep = (self.gate != 0).nonzero().flatten()
+        a, b = self.lora_A.detach()[keep], self.lora_B.detach()[:, keep] * self.gate.detach()[keep]
+        return int(keep.numel()), {"lora_A.weight": a, "lora_B.weight": b}
+
     def effective_rank(self) -> int:
         """Number of ranks whose gate is not exactly zero."""
         return int((self.gate != 0).sum())
@@ -70,3 +76,37 @@ class SoraLinear(LowRankLinear):
         self.gate = nn.Parameter(torch.ones_like(self.gate[keep]))
         self.r = int(keep.numel())
         self.scaling = scale_before
+
+
+# -- model-level operations on every SoRA layer ------------------------------------------------
+def is_gate_parameter(name: str) -> bool:
+    """SoRA gates are the parameters named ``*.gate`` (one ``(r,)`` vector per SoraLinear)."""
+    return name == "gate" or name.endswith(".gate")
+
+
+def prune_sora_model(model: nn.Module) -> dict[str, int]:
+    """Drop the zero-gated ranks of every SoRA layer (outputs unchanged); returns name -> new rank."""
+    ranks = {}
+    for name, layer in adapter_layers(model, SoraLinear).items():
+        layer.prune()
+        ranks[name] = layer.r
+    return ranks
+
+
+def merge_sora_model(model: nn.Module) -> None:
+    """Fold every SoRA layer into its base weight and replace it by the plain ``nn.Linear``."""
+    for name, layer in adapter_layers(model, SoraLinear).items():
+        layer.merge()
+        replace_submodule(model, name, layer.base_layer)
+
+
+def summarize_gate_sparsity(model: nn.Module) -> float:
+    """Fraction of SoRA gate entries that are exactly zero (0.0 when the model has no gates)."""
+    gates = [layer.gate.detach() for layer in adapter_layers(model, SoraLinear).values()]
+    total = sum(g.numel() for g in gates)
+    return sum(int((g == 0).sum()) for g in gates) / total if total else 0.0
+
+
+def effective_ranks(model: nn.Module) -> dict[str, int]:
+    """Name -> number of non-zero gates, for every SoRA layer."""
+    return {name: layer.effective_rank() for name, layer in adapter_layers(model, SoraLinear).items()}

@@ -509,7 +509,7 @@ def run_trainer(
 
     Returns (the clock's step timestamps plus main.py's metrics.json, "ok") or (None, why it failed).
     """
-    if not (ROOT / "main.py").is_file() or not (ROOT / "trainers" / "callbacks.py").is_file():
+    if not (ROOT / "main.py").is_file() or not (ROOT / "trainers" / "loop" / "hooks.py").is_file():
         return None, "main.py / trainers/ are not there (the trainer has not landed)"
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as run_dir:
         clock = Path(run_dir) / "steps.json"

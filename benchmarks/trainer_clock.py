@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainers.callbacks import TrainerCallback
+from trainers.loop.hooks import TrainerCallback
 
 
 class StepClock(TrainerCallback):

@@ -6,7 +6,7 @@ import os
 import signal
 from typing import Any
 
-from trainers.callbacks import TrainerCallback
+from trainers.loop.hooks import TrainerCallback
 
 
 class KillInTask(TrainerCallback):

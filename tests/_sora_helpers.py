@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from trainers.callbacks import TrainerCallback
+from trainers.loop.hooks import TrainerCallback
 
 THRESHOLDS_FILE = "thresholds.jsonl"
 
@@ -15,11 +15,11 @@ class ThresholdLog(TrainerCallback):
     step, stage index, sparse_lambda, lr, threshold_mode and the soft-threshold it applies at that lr."""
 
     def on_step_begin(self, trainer: Any) -> None:
-        group = trainer.gate_opt.param_groups[0]  # the lr the coming step's soft-threshold will use
-        self._before = {"lr": group["lr"], "threshold": trainer.gate_opt.threshold(group)}
+        group = trainer.optimizers["gate"].param_groups[0]  # the lr the coming step's soft-threshold will use
+        self._before = {"lr": group["lr"], "threshold": trainer.optimizers["gate"].threshold(group)}
 
     def on_step_end(self, trainer: Any) -> None:
-        group = trainer.gate_opt.param_groups[0]
+        group = trainer.optimizers["gate"].param_groups[0]
         record = {"step": trainer.state.global_step, "stage": trainer.state.stage_index,
                   "stage_step": trainer.state.stage_step, "sparse_lambda": group["sparse_lambda"],
                   "threshold_mode": group["threshold_mode"], **self._before}

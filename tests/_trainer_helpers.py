@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainers.callbacks import TrainerCallback
+from trainers.loop.hooks import TrainerCallback
 
 
 class KillAt(TrainerCallback):

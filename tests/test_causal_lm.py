@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from adapters import LoraEmbedding, adapter_layers, find_targets, wrap_linears
-from trainers.alpha_doubling import AlphaDoubling
-from trainers.causal_lm import (
+from trainers.core.errors import UserError
+from trainers.data.quotes import (
     IGNORE,
     Quote,
     encode_example,
@@ -21,12 +21,12 @@ from trainers.causal_lm import (
     parse_tags,
     prompt_ids,
     read_quotes,
-    shifted_token_stats,
     split_quotes,
     tag_f1,
 )
-from trainers.errors import UserError
-from trainers.models import build_causal_lm, load_tokenizer
+from trainers.methods.alpha_doubling import AlphaDoubling
+from trainers.models.loading import build_causal_lm, load_tokenizer
+from trainers.objectives.causal_lm import shifted_token_stats
 
 SEP = " | tags:"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,7 +91,7 @@ def test_model_loss_is_the_mean_over_tag_tokens_only(tokenizer):
     quotes = [Quote("All you need is love.", ["love"]), Quote("To be or not to be, that is it.", ["life", "death"])]
     batch = pad_collator(tokenizer.eos_token_id)([encode_example(tokenizer, q, SEP, 64) for q in quotes])
     out = model(**batch)
-    loss_sum, _, count = shifted_token_stats(out.logits, batch["labels"])
+    loss_sum, _, count = (float(v) for v in shifted_token_stats(out.logits.detach(), batch["labels"]))
     assert count == float((batch["labels"] != IGNORE).sum())  # every tag token and EOS (position 0 is prompt)
     assert out.loss.item() == pytest.approx(loss_sum / count, rel=1e-5)
     # the loss does not depend on the logits of positions whose next token is in the prompt
@@ -159,8 +159,10 @@ def _model_cfg(**extra):
 
 
 def _adapter_cfg(name="lora"):
-    return OmegaConf.create({"name": name, "r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
-                             "target_modules": "all-linear", "use_rslora": False})
+    from trainers.methods import get_method
+
+    return get_method(name).adapter_spec(OmegaConf.create({"name": name, "r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                                                           "target_modules": "all-linear", "use_rslora": False}))
 
 
 def test_embedding_lora_on_embed_tokens_trains():

@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests._trainer_helpers import read_json, run_main, stderr_lines, without_timings
-from trainers.causal_lm import tag_f1
-from trainers.models import load_tokenizer
+from trainers.data.quotes import tag_f1
+from trainers.models.loading import load_tokenizer
 
 GENERATE = 4
 TINY_LM = ["model=tiny-random-llama", "dataset=english_quotes", "dataset.max_train_samples=24",

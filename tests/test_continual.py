@@ -21,11 +21,11 @@ from adapters import (
     lora_direction_parameters,
     wrap_linears,
 )
-from trainers.adapter_hooks import GumbelTemperature
-from trainers.continual import HeadMask, conditional_growth, growth_decision
-from trainers.continual_data import build_continual_data, cap_per_class, task_split
-from trainers.continual_metrics import average_incremental_accuracy, final_accuracy, forgetting, summarize
-from trainers.errors import UserError
+from trainers.core.errors import UserError
+from trainers.data.continual import build_continual_data, cap_per_class, task_split
+from trainers.experiments.continual import HeadMask
+from trainers.methods.gumbel import GumbelTemperature, conditional_growth, growth_decision
+from trainers.reports.continual import average_incremental_accuracy, final_accuracy, forgetting, summarize
 
 DATA_ROOT = os.environ["DATA_ROOT"]
 
@@ -142,7 +142,7 @@ def test_conditional_growth_prunes_a_low_beta_and_saves_the_beta_file(tmp_path, 
         layer.tau = 1.0
         layer.gate_logits.data = torch.tensor([2.0, 1.5, -3.0])  # sparsemax -> [0.75, 0.25, 0]
     cfg = OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True})
-    with caplog.at_level(logging.INFO, logger="trainers.continual"):
+    with caplog.at_level(logging.INFO, logger="trainers.methods.gumbel"):
         decided = conditional_growth(model, 2, cfg, tmp_path)
     assert decided["kept"] is False and decided["pruning_mask"] == [True, True, False]
     saved = torch.load(tmp_path / "beta_values_task_2.pt", weights_only=True)
@@ -206,7 +206,7 @@ def test_cifar100_local_pickles_and_the_image_collator(tmp_path):
 
     import numpy as np
 
-    from trainers.continual_data import make_image_collator
+    from trainers.data.continual import make_image_collator
 
     base = tmp_path / "cifar100" / "cifar-100-python"
     base.mkdir(parents=True)
@@ -229,14 +229,22 @@ def test_cifar100_local_pickles_and_the_image_collator(tmp_path):
 
 
 def test_gate_logits_get_their_own_learning_rate_group():
-    from trainers.optimizers import build_sora_optimizers
+    from omegaconf import OmegaConf
+
+    from trainers.methods import get_method
+
+    def base_optimizer(logit_lr):
+        cfg = OmegaConf.create({"trainer": {"base_lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.01,
+                                            "warmup_ratio": 0.1}, "adapter": {"gate_logit_lr": logit_lr}})
+        (spec,) = get_method("gumbel").optimizers(model, cfg)
+        return spec.build(spec.param_groups)
 
     model = tiny_gumbel_model(2)
-    gate_opt, base_opt = build_sora_optimizers(model, base_lr=1e-3, logit_lr=0.05, weight_decay=0.01)
-    assert gate_opt is None and len(base_opt.param_groups) == 2
+    base_opt = base_optimizer(0.05)
+    assert len(base_opt.param_groups) == 2
     logits = {id(layer.gate_logits) for layer in adapter_layers(model, GumbelLinear).values()}
     group = base_opt.param_groups[1]
     assert {id(p) for p in group["params"]} == logits and group["lr"] == 0.05 and group["weight_decay"] == 0.0
     assert not logits & {id(p) for p in base_opt.param_groups[0]["params"]}
-    _, plain = build_sora_optimizers(model, base_lr=1e-3)  # without logit_lr: one group, as before
+    plain = base_optimizer(None)  # without logit_lr: one group, as before
     assert len(plain.param_groups) == 1 and logits <= {id(p) for p in plain.param_groups[0]["params"]}

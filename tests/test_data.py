@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trainers.data import EpochSampler, ShardSampler, load_raw, subset
-from trainers.errors import UserError
+from trainers.core.errors import UserError
+from trainers.data.readers import load_raw, subset
+from trainers.data.sampling import EpochSampler, ShardSampler
 
 DATA_ROOT = os.environ["DATA_ROOT"]
 

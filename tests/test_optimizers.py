@@ -6,13 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.optimizers import (
-    ProximalAdamW,
-    build_sora_optimizers,
-    build_warmup_scheduler,
-    is_gate_parameter,
-    set_sparse_lambda,
-)
+from trainers.loop.optimizers import build_warmup_scheduler
+from trainers.methods.sora import ProximalAdamW, build_sora_optimizers, is_gate_parameter, set_sparse_lambda
 
 
 class Gated(nn.Module):
@@ -94,7 +89,6 @@ def test_build_sora_optimizers_splits_gates_from_the_rest():
 def test_no_gate_optimizer_without_gates():
     gate_opt, base_opt = build_sora_optimizers(nn.Linear(3, 2))
     assert gate_opt is None and len(base_opt.param_groups[0]["params"]) == 2
-    assert build_warmup_scheduler(None, 10, 0.1) is None
 
 
 def test_warmup_schedules_ten_and_two_percent():

@@ -15,9 +15,10 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from adapters import SoraLinear
-from trainers.adapter_hooks import GateL1Loss, adapter_callbacks
-from trainers.config import register_resolvers
-from trainers.sora_report import SWEEP_PNG, SoraFinish, SoraStageReport, plot_sweep, read_stages_csv
+from trainers.cli.run_id import register_resolvers
+from trainers.methods import get_method
+from trainers.methods.sora import GateL1Loss, SoraGates
+from trainers.methods.sora_report import SWEEP_PNG, SoraFinish, SoraStageReport, plot_sweep, read_stages_csv
 
 REPO = Path(__file__).resolve().parents[1]
 register_resolvers()
@@ -31,10 +32,10 @@ def make(overrides: list[str]):
 def test_defaults_follow_the_seed():
     adapter = make(["adapter=sora"]).adapter
     assert (adapter.gate_init, adapter.threshold_mode, adapter.l1_lambda) == ("ones", "lr_scaled", 0.0)
-    hooks = adapter_callbacks(adapter)
-    assert [type(h) for h in hooks] == [SoraStageReport, SoraFinish]  # no L1 term unless asked for
-    hooks = adapter_callbacks(make(["adapter=sora", "adapter.l1_lambda=0.1"]).adapter)
-    assert [type(h) for h in hooks] == [GateL1Loss, SoraStageReport, SoraFinish]
+    hooks = get_method("sora").callbacks(make(["adapter=sora"]))
+    assert [type(h) for h in hooks] == [SoraGates, SoraStageReport, SoraFinish]  # no L1 term unless asked for
+    hooks = get_method("sora").callbacks(make(["adapter=sora", "adapter.l1_lambda=0.1"]))
+    assert [type(h) for h in hooks] == [SoraGates, GateL1Loss, SoraStageReport, SoraFinish]
 
 
 def test_gate_l1_loss_is_lambda_times_the_mean_over_all_gate_entries():
@@ -52,12 +53,12 @@ def test_gate_l1_loss_is_lambda_times_the_mean_over_all_gate_entries():
 
 
 def test_gate_init_randn_reaches_the_model():
-    from trainers.models import build_model
+    from trainers.models.loading import build_model
 
     for init in ("ones", "randn"):
         cfg = make(["adapter=sora", "model=tiny-random-bert", f"adapter.gate_init={init}"])
         torch.manual_seed(0)
-        model, _ = build_model(cfg.model, cfg.adapter, 2)
+        model, _ = build_model(cfg.model, get_method("sora").adapter_spec(cfg.adapter), 2)
         gates = torch.cat([p.detach() for n, p in model.named_parameters() if n.endswith(".gate")])
         assert gates.numel() == 13 * 8
         if init == "ones":

@@ -8,7 +8,7 @@ import sys
 
 from _trainer_helpers import MAIN, TINY, cli_env, read_json, run_main
 
-from trainers.reports import collect_sweep
+from trainers.reports.sweep import collect_sweep
 
 
 def test_sweep_writes_one_summary_with_failed_rows(tmp_path):

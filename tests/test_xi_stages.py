@@ -14,10 +14,12 @@ from _trainer_helpers import TINY, read_json, run_main, without_timings
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainers.config import register_resolvers, validate_config
-from trainers.errors import UserError
-from trainers.schedules import Stage, build_stages, xi_values
-from trainers.sora_report import COLUMNS, EXPORT_JSON, read_stages_csv
+from trainers.cli.run_id import register_resolvers
+from trainers.cli.schemas import validate_config
+from trainers.core.errors import UserError
+from trainers.loop.stages import Stage
+from trainers.methods.schedules import build_stages, xi_values
+from trainers.methods.sora_report import COLUMNS, EXPORT_JSON, read_stages_csv
 
 REPO = Path(__file__).resolve().parents[1]
 register_resolvers()
@@ -27,7 +29,7 @@ GATE_LR = 0.3
 # 3 stages (xi 0, 0.5, 1.0) of 4 steps, a gate lr large enough that gates reach 0, checkpoints every 3 steps
 ARGS = TINY + ["adapter=sora", "schedule=xi_stages", "schedule.xi_max=1.0", "schedule.xi_step=0.5",
                f"schedule.max_steps_per_stage={STEPS}", f"adapter.gate_lr={GATE_LR}", "trainer.batch_size=4",
-               "trainer.log_every_steps=1", "trainer.save_every_steps=3", "trainer.gate_warmup_ratio=0",
+               "trainer.log_every_steps=1", "trainer.save_every_steps=3", "adapter.gate_warmup_ratio=0",
                "trainer.save_merged=true"]
 THRESHOLDS = ["+trainer.callbacks.thresholds._target_=tests._sora_helpers.ThresholdLog"]
 KILL = "+trainer.callbacks.kill._target_=tests._trainer_helpers.KillAt"
@@ -60,13 +62,13 @@ def test_default_schedule_is_six_stages_of_three_epochs():
     assert cfg.adapter.name == "sora"  # the schedule selects SoRA unless adapter=... is given
     validate_config(cfg)
     stages = build_stages(cfg)
-    assert [s.sparse_lambda for s in stages] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert [s.params["sparse_lambda"] for s in stages] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert [s.name for s in stages] == ["0-xi0", "1-xi0.1", "2-xi0.2", "3-xi0.3", "4-xi0.4", "5-xi0.5"]
-    assert all(s == Stage(s.name, 3, None, s.sparse_lambda, False) for s in stages)
+    assert all(s == Stage(s.name, 3, None, {"sparse_lambda": s.params["sparse_lambda"]}, False) for s in stages)
     stages = build_stages(make(["adapter=sora", "schedule=xi_stages", "schedule.max_steps_per_stage=7",
                                 "schedule.reset_optimizers=true", "sparse_lambda=0.9"]))
     assert {(s.max_steps, s.reset_optimizers) for s in stages} == {(7, True)}
-    assert max(s.sparse_lambda for s in stages) == 0.5  # the top-level sparse_lambda plays no part
+    assert max(s.params["sparse_lambda"] for s in stages) == 0.5  # the top-level sparse_lambda plays no part
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -162,8 +164,8 @@ def _rebuild(run_dir: Path, with_adapter: bool = True):
     from safetensors.torch import load_file
 
     from adapters import load_adapter_state_dict
-    from trainers.data import build_classification_data, make_collator
-    from trainers.models import build_model, load_classifier, load_tokenizer
+    from trainers.data.readers import build_classification_data, make_collator
+    from trainers.models.loading import build_model, load_classifier, load_tokenizer
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     set_seed(int(cfg.seed))
@@ -173,7 +175,9 @@ def _rebuild(run_dir: Path, with_adapter: bool = True):
     batch.pop("labels")
     if not with_adapter:
         return load_classifier(cfg.model, data.num_labels).eval(), batch
-    model, _ = build_model(cfg.model, cfg.adapter, data.num_labels)
+    from trainers.methods import get_method
+
+    model, _ = build_model(cfg.model, get_method(cfg.adapter.name).adapter_spec(cfg.adapter), data.num_labels)
     load_adapter_state_dict(model, load_file(run_dir / "checkpoints" / "step-00000012" / "adapter.safetensors"))
     return model.eval(), batch
 

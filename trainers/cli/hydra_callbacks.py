@@ -1,0 +1,94 @@
+"""Hydra callbacks (configured under ``hydra.callbacks`` in conf/config.yaml)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from trainers.core.errors import RunRefused, UserError
+from trainers.loop.metrics_log import has_results
+from trainers.reports.sweep import collect_sweep, format_table, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class RunDirGuard(Callback):
+    """Refuse to start in a folder that holds an earlier run's results before Hydra writes anything there.
+
+    A single run checks its run directory (and, with resume, that the checkpoint fits the config); a
+    sweep without ``resume`` refuses a sweep directory whose jobs already hold results.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from trainers.experiments.session import resume_source
+
+        try:
+            resume_source(config, Path(config.hydra.run.dir))
+        except UserError as exc:
+            raise RunRefused(str(exc)) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        used = [p for p in sweep_dir.iterdir() if p.is_dir() and has_results(p)]
+        if used and config.get("resume") is None:
+            raise RunRefused(f"sweep directory {sweep_dir} already holds results (e.g. {used[0].name}/); pass "
+                             f"resume=auto to continue that sweep or choose another hydra.sweep.dir")
+        for job_dir in used:  # Hydra rewrites .hydra/ before a job can check its checkpoint: keep the old files
+            backup_hydra_files(job_dir)
+
+
+HYDRA_BACKUP = ".hydra.before-resume"
+
+
+def backup_hydra_files(job_dir: Path) -> None:
+    """Copy ``job_dir/.hydra`` (the config an earlier run used) aside before a resumed sweep rewrites it."""
+    source = Path(job_dir) / ".hydra"
+    if source.is_dir():
+        shutil.copytree(source, Path(job_dir) / HYDRA_BACKUP, dirs_exist_ok=True)
+
+
+def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
+    """After a resumed sweep job: drop the backup (``keep_new``: the job took the folder over) or put the
+    earlier run's ``.hydra`` files back (the job was refused, e.g. its config does not fit the checkpoint)."""
+    backup = Path(run_dir) / HYDRA_BACKUP
+    if not backup.is_dir():
+        return
+    if not keep_new:
+        shutil.rmtree(Path(run_dir) / ".hydra", ignore_errors=True)
+        backup.rename(Path(run_dir) / ".hydra")
+    else:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+class SweepSummary(Callback):
+    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table; with
+    SoRA jobs also ``sweep_curve.png`` (accuracy against gate zero ratio and kept adapter parameters)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _is_main_process():
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect_sweep(sweep_dir)
+        if not rows:
+            log.warning("no job folders found under %s: no summary written", sweep_dir)
+            return
+        path = write_summary(sweep_dir, rows)
+        failed = sum(r["status"] != "completed" for r in rows)
+        print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)
+        from trainers.methods.sora_report import plot_sweep
+
+        plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep
+        if plot is not None:
+            print(f"Accuracy vs sparsity plot: {plot}", flush=True)

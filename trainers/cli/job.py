@@ -1,0 +1,69 @@
+"""The Hydra job: check the config, train into Hydra's output folder, record a failure where that is safe."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from trainers.cli.schemas import validate_config
+from trainers.core.config import without_hydra
+from trainers.loop.metrics_log import write_metrics_json
+
+log = logging.getLogger(__name__)
+
+
+def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) -> None:
+    """Write ``metrics.json`` with status failed, unless that could overwrite an earlier run's results."""
+    if not status.get("may_write"):
+        return
+    try:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return
+    except Exception:
+        pass
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500]})
+
+
+def run_job(cfg: DictConfig) -> float:
+    """The Hydra task: train into Hydra's output folder; return eval_accuracy for sweepers.
+
+    In a multirun a failing job writes status failed and returns NaN so the sweep goes on; a single
+    run re-raises (the CLI prints one line and exits non-zero).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from trainers.loop.metrics_log import has_results
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    status: dict[str, Any] = {"may_write": not has_results(run_dir)}
+    try:
+        cfg = without_hydra(cfg)
+        validate_config(cfg)  # before the heavy imports of a run, so config errors come back fast
+        from trainers.experiments.single import train_run
+
+        result = float(train_run(cfg, run_dir, status)["eval_accuracy"])
+    except Exception as exc:
+        record_failure(run_dir, exc, status)
+        from trainers.cli.app import format_error, report_failure
+
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            log.error("job %s failed: %s", hydra_cfg.job.num, format_error(exc))
+            return float("nan")
+        if report_failure(exc):  # the CLI prints it as one line and exits 1
+            log.debug("run failed", exc_info=exc)
+            return float("nan")
+        raise
+    finally:
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a resumed sweep job: keep or restore the earlier .hydra/ files
+            from trainers.cli.hydra_callbacks import settle_hydra_files
+
+            settle_hydra_files(run_dir, keep_new=bool(status.get("may_write")))
+    return result

@@ -1,0 +1,194 @@
+"""Config schemas and checks: every key of every config group is declared, so a typo is an error.
+
+The YAML files under ``conf/`` hold the defaults and the documentation; the dataclasses only declare
+which keys exist and their types (all ``MISSING``, so a key missing from a YAML file is an error too).
+The ``adapter`` and ``schedule`` groups are declared and checked by their plug-ins
+(``trainers.methods``); the other groups are declared here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainers.core.config import without_hydra
+from trainers.core.errors import UserError
+
+
+# --------------------------------------------------------------------------------------------- schemas
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    pretrained: str | None = MISSING
+    tokenizer: str | None = MISSING
+    config: dict[str, Any] | None = MISSING
+    modules_to_save: list[str] = MISSING
+    modality: str = "text"
+    gguf_file: str | None = None  # a GGUF file inside pretrained / tokenizer (transformers dequantises it)
+    embedding_targets: list[str] = field(default_factory=list)  # nn.Embedding modules given an Embedding LoRA
+
+
+@dataclass
+class DatasetSchema:
+    name: str = MISSING
+    max_train_samples: int | None = MISSING
+    max_eval_samples: int | None = MISSING
+    max_seq_length: int = MISSING
+    task: str = "classification"
+
+
+@dataclass
+class CausalLMDatasetSchema(DatasetSchema):
+    eval_size: int = MISSING
+    split_seed: int = MISSING
+    separator: str = MISSING
+    generate_samples: int = MISSING
+    max_new_tokens: int = MISSING
+    show_samples: int = MISSING
+
+
+@dataclass
+class ContinualDatasetSchema(DatasetSchema):
+    """Class-incremental datasets (trainers/continual_data.py): the classes are cut into tasks."""
+
+    num_tasks: int | None = MISSING
+    classes_per_task: int = MISSING
+    order_seed: int | None = MISSING
+    max_train_per_class: int | None = MISSING
+    max_eval_per_class: int | None = MISSING
+    loss_classes: str = MISSING
+    joint: bool = MISSING
+
+
+@dataclass
+class TrainerSchema:
+    epochs: int = MISSING
+    max_steps: int | None = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    group_by_length: bool = MISSING
+    base_lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    warmup_ratio: float = MISSING
+    max_grad_norm: float = MISSING
+    grad_accum_steps: int = MISSING
+    precision: str = MISSING
+    log_every_steps: int = MISSING
+    eval_every_steps: int = MISSING
+    save_every_steps: int = MISSING
+    keep_last_checkpoints: int = MISSING
+    num_workers: int = MISSING
+    save_merged: bool = MISSING
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    eval_at_start: bool = False
+
+
+@dataclass
+class RootSchema:
+    seed: int = MISSING
+    sparse_lambda: float = MISSING
+    data_root: str | None = MISSING
+    resume: str | None = MISSING
+    adapter: Any = MISSING
+    model: Any = MISSING
+    dataset: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+
+
+# datasets whose keys differ from DatasetSchema (by dataset.name)
+DATASET_SCHEMAS: dict[str, type] = {"english_quotes": CausalLMDatasetSchema,
+                                    **{name: ContinualDatasetSchema
+                                       for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}}
+PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_keys(node: Any, schema: type, where: str) -> DictConfig:
+    """Merge ``node`` into ``schema``: unknown keys, wrong types and missing keys become UserErrors."""
+    if not isinstance(node, DictConfig):
+        raise UserError(f"'{where}' must be a config group, got {node!r}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        first = str(exc).splitlines()[0]
+        full = f"{where}.{key}" if where != "config" else str(key)
+        if "not in" in first or "no attribute" in first.lower():
+            raise UserError(f"unknown config key '{full}' (valid keys: "
+                            f"{', '.join(f.name for f in fields(schema))})") from None
+        raise UserError(f"bad value for '{full}': {first}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise UserError(f"config '{where}' lacks required key(s): {', '.join(f'{where}.{m}' for m in missing)}")
+    return merged
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every key and value of a composed config; raise UserError with one line on the first problem."""
+    from trainers.methods import get_method
+    from trainers.methods.schedules import get_schedule
+
+    _check_keys(without_hydra(cfg), RootSchema, "config")
+
+    adapter_name = cfg.adapter.get("name") if isinstance(cfg.adapter, DictConfig) else None
+    method = get_method(adapter_name)
+    adapter = _check_keys(cfg.adapter, method.schema, "adapter")
+    model = _check_keys(cfg.model, ModelSchema, "model")
+    _require(model.modality in ("text", "image"), f"model.modality must be text or image (got {model.modality!r})")
+    dataset_name = cfg.dataset.get("name") if isinstance(cfg.dataset, DictConfig) else None
+    dataset = _check_keys(cfg.dataset, DATASET_SCHEMAS.get(dataset_name, DatasetSchema), "dataset")
+    schedule_name = cfg.schedule.get("name") if isinstance(cfg.schedule, DictConfig) else None
+    schedule = get_schedule(schedule_name)
+    schedule_cfg = _check_keys(cfg.schedule, schedule.schema, "schedule")
+    trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
+    checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
+
+    _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")
+    method.check(checked)
+    schedule.check(checked, method.stage_params)
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = dataset[key]
+        _require(value is None or value > 0, f"dataset.{key} must be null or > 0 (got {value})")
+    _require(dataset.max_seq_length > 0, f"dataset.max_seq_length must be > 0 (got {dataset.max_seq_length})")
+    if DATASET_SCHEMAS.get(dataset_name) is ContinualDatasetSchema:
+        from trainers.data.continual import check_continual_config
+
+        check_continual_config(dataset)
+    _require(dataset.task in ("classification", "causal_lm"),
+             f"dataset.task must be classification or causal_lm (got {dataset.task!r})")
+    if dataset.task == "causal_lm":
+        _check_causal_lm(dataset)
+
+    _require(trainer.epochs > 0 or (trainer.max_steps or 0) > 0,
+             "trainer.epochs or trainer.max_steps must be > 0")
+    _require(trainer.max_steps is None or trainer.max_steps > 0,
+             f"trainer.max_steps must be null or > 0 (got {trainer.max_steps})")
+    for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps", "keep_last_checkpoints"):
+        _require(trainer[key] > 0, f"trainer.{key} must be > 0 (got {trainer[key]})")
+    for key in ("eval_every_steps", "save_every_steps", "num_workers", "weight_decay", "max_grad_norm"):
+        _require(trainer[key] >= 0, f"trainer.{key} must be >= 0 (got {trainer[key]})")
+    _require(trainer.base_lr > 0, f"trainer.base_lr must be > 0 (got {trainer.base_lr})")
+    _require(len(trainer.betas) == 2 and all(0 <= b < 1 for b in trainer.betas),
+             f"trainer.betas must be two numbers in [0, 1) (got {list(trainer.betas)})")
+    _require(0 <= trainer.warmup_ratio <= 1, f"trainer.warmup_ratio must be in [0, 1] (got {trainer.warmup_ratio})")
+    _require(trainer.precision in PRECISIONS,
+             f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
+    resume = cfg.resume
+    _require(resume is None or isinstance(resume, str), f"resume must be null, auto or a path (got {resume!r})")
+
+
+def _check_causal_lm(dataset: DictConfig) -> None:
+    for key in ("eval_size", "max_new_tokens"):
+        _require(dataset[key] > 0, f"dataset.{key} must be > 0 (got {dataset[key]})")
+    for key in ("generate_samples", "show_samples"):
+        _require(dataset[key] >= 0, f"dataset.{key} must be >= 0 (got {dataset[key]})")

@@ -1,0 +1,1 @@
+"""Bottom layer: errors and file helpers that every other layer may use (imports nothing of the project)."""

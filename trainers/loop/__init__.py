@@ -1,0 +1,1 @@
+"""Loop layer: the one training loop (state, hooks, named optimizers, checkpoints) that knows no method."""

@@ -1,0 +1,414 @@
+"""The training loop: one loop for every method, extended through :class:`TrainerCallback` hooks.
+
+The loop knows no method: a method plug-in contributes its optimizers (:class:`OptimizerSpec`), its
+callbacks (extra losses, per-step updates, evaluation metrics, stage and end-of-run steps) and its stage
+parameters; the loop builds and steps whatever it is given.
+
+Exact resume: the data order is a function of (seed, epoch), the position inside an epoch is saved,
+DataLoaders draw from their own generators (never the global RNG), and the global RNG states are
+saved per process in every checkpoint. A run killed at any step and resumed from its newest
+checkpoint therefore replays exactly the steps the uninterrupted run took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainers.core.errors import UserError
+from trainers.data.sampling import EpochSampler, ShardSampler, make_loader
+from trainers.loop import checkpoint as ckpt
+from trainers.loop.hooks import TrainerCallback
+from trainers.loop.metrics_log import MetricsWriter
+from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_warmup_scheduler
+from trainers.loop.stages import Stage
+from trainers.loop.state import TrainerState
+from trainers.objectives import EvalContext, Objective
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Trains ``model`` (already wrapped with an adapter) on ``data`` through ``stages``.
+
+    ``optimizer_specs(model)`` gives the optimizers (called again when a stage resets them); ``objective``
+    scores training batches and evaluates. ``started_at`` (``time.perf_counter()``) is when this process's
+    run began, for ``wall_time_s``.
+    """
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, data: Any, collate: Any,
+                 accelerator: Accelerator, run_dir: Path, stages: list[Stage],
+                 optimizer_specs: Callable[[nn.Module], list[OptimizerSpec]], objective: Objective,
+                 callbacks: list[TrainerCallback] | None = None, started_at: float | None = None) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.stages = stages
+        self.callbacks = list(callbacks or [])
+        self.data = data
+        self.collate = collate
+        self.objective = objective  # training scores and evaluation metrics
+        self.state = TrainerState()
+        self.writer = MetricsWriter(self.run_dir, enabled=accelerator.is_main_process)
+        self.seed = int(cfg.seed)
+        self.is_main = accelerator.is_main_process
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
+
+        self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer_specs = optimizer_specs
+        self._specs = optimizer_specs(model)
+        self.optimizers: dict[str, torch.optim.Optimizer] = build_optimizers(self._specs)
+        self.schedulers: dict[str, Any] = {}
+        self._running: dict[str, torch.Tensor] = {}  # device-side sums since the last log line (no host sync)
+        self.ddp_model = accelerator.prepare(model)
+
+        by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
+        lengths = [len(ex["input_ids"]) for ex in data.train] if by_length else None
+        self.sampler = EpochSampler(len(data.train), self.seed, self.rank, self.world_size, lengths=lengths,
+                                    batch_size=self.tcfg.batch_size)
+        self.batches_per_epoch = math.ceil(self.sampler.shard_size / self.tcfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.grad_accum_steps)
+        self.eval_loader = make_loader(data.eval, ShardSampler(len(data.eval), self.rank, self.world_size),
+                                       self.tcfg.eval_batch_size, collate, self.tcfg.num_workers, self.seed)
+        self._resumed_stage: int | None = None
+        self._pending: dict[str, Any] = {}
+        self._last_saved_step = -1
+        self._segment_start = started_at if started_at is not None else time.perf_counter()
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def stage_steps(self, stage: Stage) -> int:
+        """Optimizer steps of ``stage``."""
+        return stage.max_steps if stage.max_steps else stage.epochs * self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps(s) for s in self.stages)
+
+    def eval_context(self) -> EvalContext:
+        """What the objective's evaluation may use."""
+        return EvalContext(self.model, self.accelerator, self.run_dir, self.state.global_step,
+                           int(self.tcfg.eval_batch_size))
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def wall_time(self) -> float:
+        return self.state.wall_time_s + time.perf_counter() - self._segment_start
+
+    # ----------------------------------------------------------------------------------------- stages
+    def _start_stage(self, stage: Stage, resumed: bool) -> None:
+        steps = self.stage_steps(stage)
+        if not resumed and stage.reset_optimizers and self.state.global_step > 0:
+            self._specs = self.optimizer_specs(self.model)
+            self.optimizers = build_optimizers(self._specs)
+        warmup = {spec.name: spec.warmup_ratio for spec in self._specs}
+        self.schedulers = {name: build_warmup_scheduler(opt, steps, float(warmup[name]))
+                           for name, opt in self.optimizers.items()}
+        if resumed:  # optimizer states after the schedulers are built (building one resets the lr)
+            objects = self._pending.pop("objects")
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(objects["optimizers"][name])
+                self.schedulers[name].load_state_dict(objects["schedulers"][name])
+            if self.accelerator.scaler is not None and objects.get("scaler"):
+                self.accelerator.scaler.load_state_dict(objects["scaler"])
+        else:
+            self._call("on_stage_begin", stage)
+
+    # ----------------------------------------------------------------------------------------- train
+    def train(self) -> dict[str, float]:
+        """Run the remaining stages; return the final evaluation metrics."""
+        self._call("on_train_begin")
+        if self.tcfg.get("eval_at_start") and self.state.global_step == 0:
+            self.evaluate_if_needed()  # the score before any training (logged as the step-0 eval line)
+        rng = self._pending.pop("rng", None)
+        if rng is not None:  # last, after every model/optimizer construction that could draw numbers
+            ckpt.set_rng_state(rng)
+        while self.state.stage_index < len(self.stages):
+            index = self.state.stage_index
+            stage = self.stages[index]
+            self._start_stage(stage, resumed=self._resumed_stage == index)
+            self._run_stage(stage)
+            metrics = self.evaluate_if_needed()
+            self._call("on_stage_end", stage, metrics)
+            self.state.stage_index += 1
+            self.state.stage_step = 0
+        metrics = self.evaluate_if_needed()
+        if self._last_saved_step != self.state.global_step:
+            self.save_checkpoint()
+        self._call("on_train_end", metrics)
+        return metrics
+
+    def _run_stage(self, stage: Stage) -> None:
+        total = self.stage_steps(stage)
+        accum = self.tcfg.grad_accum_steps
+        desc = "train" if len(self.stages) == 1 else f"stage {stage.name}"
+        bar = tqdm(total=total, initial=self.state.stage_step, desc=desc, dynamic_ncols=True, leave=True,
+                   disable=None if self.is_main else True)  # None: a bar on terminals only
+        self.ddp_model.train()
+        while self.state.stage_step < total:
+            self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch * self.tcfg.batch_size)
+            loader = make_loader(self.data.train, self.sampler, self.tcfg.batch_size, self.collate,
+                                 self.tcfg.num_workers, self.seed + self.state.epoch)
+            for batch in loader:
+                i = self.state.batch_in_epoch
+                group_start = (i // accum) * accum
+                group_size = min(accum, self.batches_per_epoch - group_start)
+                if i == group_start:
+                    self._call("on_step_begin")
+                is_step = i + 1 - group_start == group_size
+                self._micro_step(batch, group_size, sync=is_step)
+                self.state.batch_in_epoch += 1
+                if is_step:
+                    self._optimizer_step()
+                    bar.update(1)
+                    self._after_step(stage, total, bar)
+                    if self.state.stage_step >= total:
+                        break
+            if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: next permutation
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+        bar.close()
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], group_size: int, sync: bool) -> None:
+        start = time.perf_counter()
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        no_sync = not sync and self.world_size > 1  # accumulate locally, all-reduce on the last micro-batch
+        with self.accelerator.no_sync(self.ddp_model) if no_sync else contextlib.nullcontext():
+            with self.accelerator.autocast():
+                outputs = self.ddp_model(**batch)
+                extras = {}
+                for callback in self.callbacks:
+                    extras.update(callback.extra_losses(self, outputs, batch))
+                loss = outputs.loss + sum(extras.values()) if extras else outputs.loss
+            self.accelerator.backward(loss / group_size)
+        n = batch["labels"].shape[0]
+        self._accumulate("loss_sum", outputs.loss.detach() * n)
+        self._accumulate("correct", self.objective.batch_correct(outputs, batch))
+        self._accumulate("count", n)
+        for name, value in extras.items():
+            self._accumulate(f"{name}_sum", value.detach() * n)
+        self.state.samples_seen += n * self.world_size
+        self.state.train_time_s += time.perf_counter() - start
+
+    def _accumulate(self, name: str, value: torch.Tensor | float) -> None:
+        """Add to a running sum kept on the device (read at log and checkpoint steps only)."""
+        value = torch.as_tensor(value, device=self.accelerator.device).to(torch.float64)
+        self._running[name] = self._running[name] + value if name in self._running else value
+
+    def _flush_running(self) -> None:
+        """Move the device-side sums into ``state.running`` (one host copy)."""
+        if not self._running:
+            return
+        names = list(self._running)
+        values = torch.stack([self._running[k] for k in names]).tolist()
+        running = self.state.running
+        for name, value in zip(names, values, strict=True):
+            running[name] = running.get(name, 0.0) + value
+        self._running = {}
+
+    def _optimizer_step(self) -> None:
+        start = time.perf_counter()
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            for opt in self.optimizers.values():
+                scaler.unscale_(opt)
+        if self.tcfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        for opt in self.optimizers.values():
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()
+        for sched in self.schedulers.values():
+            sched.step()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self.state.stage_step += 1
+        self.state.train_time_s += time.perf_counter() - start
+        self._call("on_step_end")
+
+    def _after_step(self, stage: Stage, total: int, bar: Any) -> None:
+        step = self.state.global_step
+        if step % self.tcfg.log_every_steps == 0 or self.state.stage_step == total:
+            record = self._log_train(stage)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+            if bar.disable and self.is_main:  # no progress bar (not a terminal): a log line instead
+                log.info("step %d/%d: loss %.4f, accuracy %.4f", step, self.total_steps, record["loss"],
+                         record["accuracy"])
+        if self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0:
+            self.evaluate_if_needed()
+        is_last = self.state.stage_index == len(self.stages) - 1 and self.state.stage_step == total
+        if self.tcfg.save_every_steps and step % self.tcfg.save_every_steps == 0 and not is_last:
+            self.save_checkpoint()  # the final checkpoint is written after the final evaluation
+
+    def _log_train(self, stage: Stage) -> dict[str, Any]:
+        self._flush_running()
+        running = self.state.running
+        names = sorted(running)
+        sums = torch.tensor([running[k] for k in names], dtype=torch.float64, device=self.accelerator.device)
+        if self.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        totals = dict(zip(names, sums.tolist(), strict=True))
+        count = max(totals.get("count", 0.0), 1.0)
+        record: dict[str, Any] = {
+            "step": self.state.global_step, "split": "train", "stage": stage.name,
+            "epoch": round(self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch, 4),
+            "loss": totals.get("loss_sum", 0.0) / count, "accuracy": totals.get("correct", 0.0) / count,
+            "lr": next(iter(self.optimizers.values())).param_groups[0]["lr"],
+        }
+        for name in names:
+            if name.endswith("_sum") and name != "loss_sum":
+                record[name[: -len("_sum")]] = totals[name] / count
+        for callback in self.callbacks:
+            record.update(callback.log_values(self))
+        self.writer.log(record)
+        self.state.running = {}
+        return record
+
+    # ----------------------------------------------------------------------------------------- eval
+    def evaluate_if_needed(self) -> dict[str, float]:
+        """Evaluate unless this step was already evaluated; log the result to metrics.jsonl."""
+        if self.state.last_eval_step == self.state.global_step and self.state.last_eval:
+            return dict(self.state.last_eval)
+        metrics = self.evaluate()
+        self.state.last_eval_step = self.state.global_step
+        self.state.last_eval = dict(metrics)
+        self.writer.log({"step": self.state.global_step, "split": "eval", **metrics})
+        if self.is_main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            log.info("eval at step %d: %s", self.state.global_step, shown)
+        self._call("on_evaluate", metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective's metrics over the evaluation set, plus the callbacks' ``eval_metrics``."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        metrics = self.objective.evaluate(self.eval_context(), self.eval_loader)
+        model.train(was_training)
+        for callback in self.callbacks:
+            metrics.update(callback.eval_metrics(self))
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Write the full training state atomically to ``checkpoints/<name>`` (default ``step-NNNNNNNN``,
+        the checkpoints resume=auto and pruning consider; another name, e.g. per stage, is kept as is).
+        Every process must call this."""
+        from adapters import adapter_state_dict
+
+        step = self.state.global_step
+        name = name or ckpt.step_name(step)
+        self._flush_running()
+        self.state.metrics_lines = self.writer.num_lines
+        state = dataclasses.asdict(self.state)
+        state["wall_time_s"] = self.wall_time()
+        if self.is_main:
+            ckpt.prepare_temporary(self.run_dir, name)
+        self.accelerator.wait_for_everyone()
+        tmp = ckpt.temporary_dir(self.run_dir, name)
+        ckpt.write_rng(tmp, self.rank)
+        if self.is_main:
+            objects = {
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+            }
+            meta = {"state": state, "config": ckpt.config_fingerprint(self.cfg), "world_size": self.world_size,
+                    "callbacks": [c.state_dict() for c in self.callbacks],
+                    "callback_types": [type(c).__name__ for c in self.callbacks]}
+            ckpt.write_main(tmp, adapter_state_dict(self.model), objects, meta)
+        self.accelerator.wait_for_everyone()
+        final = ckpt.checkpoint_root(self.run_dir) / name
+        if self.is_main:
+            ckpt.publish(self.run_dir, name, int(self.tcfg.keep_last_checkpoints))
+        self.accelerator.wait_for_everyone()
+        if name == ckpt.step_name(step):
+            self._last_saved_step = step
+        return final
+
+    def load_checkpoint(self, path: Path, source_run: Path | None = None) -> None:
+        """Restore everything from the checkpoint at ``path`` (UserError if it is corrupt or does not fit).
+
+        ``source_run``: copy that run's metrics.jsonl (up to the checkpoint) when resuming into a new folder.
+        """
+        from adapters import load_adapter_state_dict
+
+        meta = ckpt.check_compatible(path, self.cfg, self.world_size)
+        weights, objects, _, rng = ckpt.load_checkpoint(path, self.rank)
+        try:
+            load_adapter_state_dict(self.model, weights)
+        except ValueError as exc:
+            raise UserError(f"checkpoint {path} does not fit this model: {exc}") from None
+        try:
+            fields = {f.name for f in dataclasses.fields(TrainerState)}
+            self.state = TrainerState(**{k: v for k, v in meta["state"].items() if k in fields})
+            self._load_callback_states(meta)
+            saved = sorted(objects["optimizers"])
+            if saved != sorted(self.optimizers) or sorted(objects["schedulers"]) != saved:
+                raise ValueError(f"it holds optimizers {saved}, this run has {sorted(self.optimizers)}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"corrupt checkpoint {path}: {exc}") from None
+        self._pending = {"objects": objects, "rng": rng}
+        self._resumed_stage = self.state.stage_index if self.state.stage_index < len(self.stages) else None
+        if self._resumed_stage is None:  # training was finished: nothing left to load into
+            self._pending.pop("objects")
+        self._last_saved_step = self.state.global_step
+        self.writer.restart(self.state.metrics_lines, source_run)
+        log.info("resumed from %s (step %d)", path, self.state.global_step)
+
+    def _load_callback_states(self, meta: dict[str, Any]) -> None:
+        """Give every callback the saved state of the same class (in order), so adding or removing a user
+        callback on resume (``trainer.callbacks`` may change) does not lose the adapter hooks' states."""
+        states = meta.get("callbacks", [])
+        types = meta.get("callback_types")
+        if types is None:  # older checkpoints: by position, when the count matches
+            if len(states) == len(self.callbacks):
+                for callback, cb_state in zip(self.callbacks, states, strict=True):
+                    callback.load_state_dict(cb_state)
+            return
+        saved = list(zip(types, states, strict=True))
+        for callback in self.callbacks:
+            match = next((i for i, (kind, _) in enumerate(saved) if kind == type(callback).__name__), None)
+            if match is not None:
+                callback.load_state_dict(saved.pop(match)[1])
+
+    def start_fresh(self) -> None:
+        """Begin a new run: empty metrics.jsonl."""
+        self.writer.restart(0)
+
+    def final_metrics(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What ``metrics.json`` holds when training finished."""
+        from adapters import count_trainable_parameters
+
+        train_time = self.state.train_time_s
+        result: dict[str, Any] = dict(metrics)
+        result.update({
+            "trainable_params": int(count_trainable_parameters(self.model)),
+            "train_samples_per_second": self.state.samples_seen / train_time if train_time > 0 else None,
+            "wall_time_s": self.wall_time(),
+            "global_step": self.state.global_step,
+            "train_samples": self.state.samples_seen,
+            "status": "completed",
+        })
+        return result

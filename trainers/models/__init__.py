@@ -1,0 +1,1 @@
+"""Models layer: loading models and tokenizers, injecting the adapter a method asks for, the task head."""

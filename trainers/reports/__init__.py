@@ -1,0 +1,1 @@
+"""Reports layer: the sweep summary and the continual-learning metrics and plots."""
