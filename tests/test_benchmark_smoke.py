@@ -1,32 +1,20 @@
-"""The step-time benchmark's variants run on a tiny random BERT and its report has every key (no timing)."""
+"""The speed benchmarks' variants run on a tiny random BERT and their reports have every key (no timing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from _tiny_models import tiny_bert
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "step_time.py"
+from benchmarks import harness, inference, step_time, trainer_overhead
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_step_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_variants_set_up_what_they_claim(bench):
+def test_variants_set_up_what_they_claim():
     base = tiny_bert(num_labels=2)
-    batch = bench.make_batch(base, batch_size=2, seq_len=8, device=torch.device("cpu"))
-    variants = {name: bench.build_variant(name, base, r=4, lora_alpha=8) for name in bench.STEP_VARIANTS}
+    batch = harness.make_batch(base, batch_size=2, seq_len=8, device=torch.device("cpu"))
+    variants = {name: harness.build_variant(name, base, r=4, lora_alpha=8) for name in harness.STEP_VARIANTS}
     for variant in variants.values():
         variant.step(batch)
     floor = variants["floor"]
@@ -41,25 +29,25 @@ def test_variants_set_up_what_they_claim(bench):
     assert variants["dora"].trainable == variants["peft_dora"].trainable
 
 
-def test_quick_run_writes_the_report(bench, tmp_path):
+def test_quick_run_writes_the_report(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--quick", "--batch-size", "2", "--seq-len", "8", "--r", "4", "--json", str(out)]
-    args = bench.parse_args(argv + ["--threads", str(torch.get_num_threads())])  # leave the thread count as it is
-    report = bench.run_benchmark(args, tiny_bert(num_labels=2), "tiny random BERT")
+    args = step_time.parse_args(argv + ["--threads", str(torch.get_num_threads())])  # leave the thread count as is
+    report = step_time.run_benchmark(args, tiny_bert(num_labels=2), "tiny random BERT")
     saved = json.loads(out.read_text())
     assert saved.keys() >= {"command", "settings", "environment", "steps", "inference", "targets", "wall_s"}
-    assert list(saved["steps"]) == list(bench.STEP_VARIANTS)
+    assert list(saved["steps"]) == list(harness.STEP_VARIANTS)
     for name, row in saved["steps"].items():
         assert row.keys() >= {"median_ms", "peak_memory_mib", "trainable_params", "vs_floor"}, name
         assert row["median_ms"] > 0 and row["peak_memory_mib"] > 0
     assert "vs_peft" in saved["steps"]["lora"] and "vs_peft" in saved["steps"]["dora"]
-    assert list(saved["inference"]) == list(bench.INFERENCE_VARIANTS)
-    assert saved["targets"].keys() >= set(bench.TARGETS) | {"lora_merged_vs_plain"}
-    table = bench.format_table(report)
+    assert list(saved["inference"]) == list(inference.INFERENCE_VARIANTS)
+    assert saved["targets"].keys() >= set(step_time.TARGETS) | {"lora_merged_vs_plain"}
+    table = step_time.format_table(report)
     assert "| lora |" in table and "lora_vs_floor" in table
 
 
-def test_trainer_time_split(bench):
+def test_trainer_time_split():
     """Step 1.0 s, next batch 0.01 s, a log line 0.05 s after every 4th step, a checkpoint 0.5 s after the 8th."""
     begin, end, t = [], [], 0.0
     for step in range(1, 13):
@@ -68,7 +56,7 @@ def test_trainer_time_split(bench):
         end.append(t)
         t += 0.01 + (0.05 if step % 4 == 0 else 0.0) + (0.5 if step % 8 == 0 else 0.0)
     clock = {"begin": begin, "end": end, "steps": list(range(1, 13))}
-    split = bench.split_trainer_time(clock, 32, log_every=4, save_every=8, default_log=20, default_save=100)
+    split = trainer_overhead.split_trainer_time(clock, 32, log_every=4, save_every=8, default_log=20, default_save=100)
     assert split["step_s"] == pytest.approx(1.0)
     assert split["data_s"] == pytest.approx(0.01)
     assert split["log_line_s"] == pytest.approx(0.05)
