@@ -7,23 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _config import TINY_RUN, compose_config
 from _trainer_helpers import read_json
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from trainers.cli.run_id import register_resolvers
 from trainers.experiments.single import train_run
 from trainers.loop.checkpoint import list_checkpoints
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny-random-bert", "dataset.max_train_samples=40", "dataset.max_eval_samples=20",
-        "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.log_every_steps=2"]
-register_resolvers()
+TINY = TINY_RUN
 
 
 def make(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=TINY + list(overrides))
+    return compose_config(TINY + list(overrides))
 
 
 @pytest.fixture(autouse=True)

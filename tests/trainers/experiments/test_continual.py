@@ -3,6 +3,8 @@ the metrics arithmetic, the tau schedule."""
 
 from __future__ import annotations
 
+from _config import CONF
+
 import json
 import logging
 import os
@@ -31,7 +33,7 @@ DATA_ROOT = os.environ["DATA_ROOT"]
 
 
 def dataset_cfg(name: str, **overrides):
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{name}.yaml")
+    cfg = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
     return OmegaConf.merge(cfg, overrides)
 
 

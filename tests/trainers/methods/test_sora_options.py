@@ -4,29 +4,21 @@ sweep-level accuracy-vs-sparsity plot."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _config import compose_config
 from _sora_helpers import THRESHOLDS_FILE
 from _trainer_helpers import TINY, read_json, run_main
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from adapters import SoraLinear
-from trainers.cli.run_id import register_resolvers
 from trainers.methods import get_method
 from trainers.methods.sora import GateL1Loss, SoraGates
 from trainers.methods.sora_report import SWEEP_PNG, SoraFinish, SoraStageReport, plot_sweep, read_stages_csv
 
-REPO = Path(__file__).resolve().parents[1]
-register_resolvers()
-
-
-def make(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+make = compose_config
 
 
 def test_defaults_follow_the_seed():

@@ -11,7 +11,7 @@ import signal
 import pytest
 from omegaconf import OmegaConf
 
-from tests._trainer_helpers import read_json, run_main, stderr_lines, without_timings
+from _trainer_helpers import read_json, run_main, stderr_lines, without_timings
 from trainers.data.quotes import tag_f1
 from trainers.models.loading import load_tokenizer
 

@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _config import REPO, compose_config
 from _sora_helpers import THRESHOLDS_FILE
 from _trainer_helpers import TINY, read_json, run_main, without_timings
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.loop.stages import Stage
 from trainers.methods.schedules import build_stages, xi_values
 from trainers.methods.sora_report import COLUMNS, EXPORT_JSON, read_stages_csv
-
-REPO = Path(__file__).resolve().parents[1]
-register_resolvers()
 
 STEPS = 4  # optimizer steps per stage in the runs below
 GATE_LR = 0.3
@@ -36,9 +32,7 @@ KILL = "+trainer.callbacks.kill._target_=tests._trainer_helpers.KillAt"
 TIME_COLUMNS = ("stage_time_s", "wall_time_s")
 
 
-def make(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+make = compose_config
 
 
 # --------------------------------------------------------------------------------------------- stage list

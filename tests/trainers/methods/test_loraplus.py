@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _config import TINY_RUN, compose_config
 from _tiny_models import tiny_bert
 from _trainer_helpers import read_json
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from adapters import LoraLinear, adapter_layers, wrap_linears
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.experiments.single import train_run
 from trainers.loop.optimizers import build_optimizers, build_warmup_scheduler
 from trainers.methods import get_method
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny-random-bert", "dataset.max_train_samples=40", "dataset.max_eval_samples=20",
-        "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.log_every_steps=1"]
-register_resolvers()
+TINY = [*TINY_RUN, "trainer.log_every_steps=1"]
 
 
 def make(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["adapter=loraplus", *TINY, *overrides])
+    return compose_config(["adapter=loraplus", *TINY, *overrides])
 
 
 def optimizer_cfg(ratio: float):

@@ -6,30 +6,25 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from _config import CONF, REPO, compose_config
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 GROUPS = ["adapter", "model", "dataset", "schedule", "trainer"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
-register_resolvers()
-
-
-def make(overrides: list[str] | None = None, hydra: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides or [], return_hydra_config=hydra)
+make = compose_config
 
 
 def test_every_group_has_the_required_options():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert names["adapter"] == {"lora", "dora", "sora", "gumbel"}
+    assert {"lora", "dora", "sora", "gumbel", "loraplus"} <= names["adapter"]
+    from trainers.methods import methods
+
+    assert names["adapter"] == set(methods())  # every adapter YAML has its plug-in, and the other way round
     assert {"minilm", "roberta-base", "deberta-v3-base", "tiny-random-bert"} <= names["model"]
     assert {"sst2", "banking77", "clinc150"} <= names["dataset"]
     assert "constant" in names["schedule"] and "default" in names["trainer"]
@@ -115,8 +110,7 @@ def test_yaml_typo_is_caught(tmp_path):
     shutil.copytree(CONF, conf)
     lora = conf / "adapter" / "lora.yaml"
     lora.write_text(lora.read_text().replace("lora_alpha:", "lora_alpah:"))
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config")
+    cfg = compose_config(conf=conf)
     with pytest.raises(UserError, match="unknown config key 'adapter.lora_alpah'"):
         validate_config(cfg)
 
