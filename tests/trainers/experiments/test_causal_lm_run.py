@@ -9,9 +9,9 @@ import math
 import signal
 
 import pytest
+from _trainer_helpers import read_json, run_main, stderr_lines, without_timings
 from omegaconf import OmegaConf
 
-from _trainer_helpers import read_json, run_main, stderr_lines, without_timings
 from trainers.data.quotes import tag_f1
 from trainers.models.loading import load_tokenizer
 

@@ -3,8 +3,6 @@ the metrics arithmetic, the tau schedule."""
 
 from __future__ import annotations
 
-from _config import CONF
-
 import json
 import logging
 import os
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _config import CONF
 from omegaconf import OmegaConf
 from torch import nn
 
