@@ -63,3 +63,21 @@ def test_trainer_time_split():
     assert split["checkpoint_s"] == pytest.approx(0.5)
     around = 0.01 + 0.05 / 20 + 0.5 / 100
     assert split["overhead"] == pytest.approx(around / (1.0 + around))
+
+
+def test_end_to_end_report_gives_medians_and_our_ratio_to_theirs():
+    from benchmarks import end_to_end
+
+    def run(rate, wall, acc):
+        return {"train_samples_per_s": rate, "wall_s": wall, "peak_rss_mib": 900.0, "dev_accuracy": acc}
+
+    runs = {"ours:lora": [run(120.0, 90.0, 0.84), run(100.0, 80.0, 0.84), run(110.0, 85.0, 0.84)],
+            "theirs:lora": [run(80.0, 110.0, 0.83), run(90.0, 100.0, 0.83), run(85.0, 120.0, 0.83)],
+            "ours:sora": [run(95.0, 95.0, 0.82)]}
+    summary = end_to_end.summarize(runs)
+    assert summary["ours:lora"]["train_samples_per_s"] == 110.0 and summary["theirs:lora"]["wall_s"] == 110.0
+    table = end_to_end.format_report({"environment": {"device": "cpu", "dtype": "float32", "threads": 2,
+                                                                      "processor": "test CPU"},
+                                      "load_before": None, "load_after": None, "summary": summary})
+    assert "| main.py lora | 110.0 | 85.0 | 900 | 0.8400 | 1.29x |" in table  # 110 / 85
+    assert "| Trainer + PEFT lora | 85.0 |" in table and "| main.py sora | 95.0 | 95.0 | 900 | 0.8200 | – |" in table
