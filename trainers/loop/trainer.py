@@ -82,8 +82,10 @@ class Trainer:
                                     batch_size=self.tcfg.batch_size)
         self.batches_per_epoch = math.ceil(self.sampler.shard_size / self.tcfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.grad_accum_steps)
+        self.pin_memory = accelerator.device.type == "cuda"  # page-locked batches: non-blocking copies to the GPU
         self.eval_loader = make_loader(data.eval, ShardSampler(len(data.eval), self.rank, self.world_size),
-                                       self.tcfg.eval_batch_size, collate, self.tcfg.num_workers, self.seed)
+                                       self.tcfg.eval_batch_size, collate, self.tcfg.num_workers, self.seed,
+                                       pin_memory=self.pin_memory)
         self._resumed_stage: int | None = None
         self._pending: dict[str, Any] = {}
         self._last_saved_step = -1
@@ -163,7 +165,7 @@ class Trainer:
         while self.state.stage_step < total:
             self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch * self.tcfg.batch_size)
             loader = make_loader(self.data.train, self.sampler, self.tcfg.batch_size, self.collate,
-                                 self.tcfg.num_workers, self.seed + self.state.epoch)
+                                 self.tcfg.num_workers, self.seed + self.state.epoch, pin_memory=self.pin_memory)
             for batch in loader:
                 i = self.state.batch_in_epoch
                 group_start = (i // accum) * accum
@@ -186,7 +188,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, torch.Tensor], group_size: int, sync: bool) -> None:
         start = time.perf_counter()
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
         no_sync = not sync and self.world_size > 1  # accumulate locally, all-reduce on the last micro-batch
         with self.accelerator.no_sync(self.ddp_model) if no_sync else contextlib.nullcontext():
             with self.accelerator.autocast():
