@@ -81,3 +81,20 @@ def test_end_to_end_report_gives_medians_and_our_ratio_to_theirs():
                                       "load_before": None, "load_after": None, "summary": summary})
     assert "| main.py lora | 110.0 | 85.0 | 900 | 0.8400 | 1.29x |" in table  # 110 / 85
     assert "| Trainer + PEFT lora | 85.0 |" in table and "| main.py sora | 95.0 | 95.0 | 900 | 0.8200 | – |" in table
+
+
+def test_sst2_batches_have_real_lengths_grouped_and_every_variant_cycles_through_them():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(harness.minilm_path())
+    batches = harness.sst2_batches(tokenizer, batch_size=4, count=3, max_len=64, device=torch.device("cpu"))
+    lengths = [b["attention_mask"].sum(1).tolist() for b in batches]
+    assert len(batches) == 3 and all(len(row) == 4 for row in lengths)
+    flat = [n for row in lengths for n in row]
+    assert flat == sorted(flat) and max(flat) <= 64  # length-grouped, truncated
+    for batch, row in zip(batches, lengths, strict=True):
+        assert batch["input_ids"].shape[1] == max(row)  # padded to its own longest sentence only
+    base = tiny_bert(num_labels=2)
+    varied = [harness.make_batch(base, 2, n, torch.device("cpu"), seed=n) for n in (5, 9, 13)]
+    steps, _ = step_time.bench_steps(base, varied, ["floor", "lora"], rounds=1, steps_per_round=3, warmup=0, r=4)
+    assert set(steps) == {"floor", "lora"} and all(len(row["times_ms"]) == 3 for row in steps.values())
