@@ -29,6 +29,7 @@ from .model_ops import (
     merge_model,
     unmerge_model,
 )
+from .sdlora import SDLoraLinear, SharedMagnitudes, add_sdlora_task, sdlora_magnitudes
 from .sora import (
     SoraLinear,
     effective_ranks,
@@ -46,10 +47,13 @@ __all__ = [
     "GumbelLinear",
     "LoraEmbedding",
     "LoraLinear",
+    "SDLoraLinear",
+    "SharedMagnitudes",
     "SoraLinear",
     "adapter_layers",
     "adapter_state_dict",
     "add_gumbel_task",
+    "add_sdlora_task",
     "count_trainable_parameters",
     "effective_ranks",
     "entropy",
@@ -68,6 +72,7 @@ __all__ = [
     "merge_sora_model",
     "prune_gumbel_task",
     "prune_sora_model",
+    "sdlora_magnitudes",
     "set_gumbel_tau",
     "summarize_gate_sparsity",
     "unmerge_model",

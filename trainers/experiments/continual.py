@@ -3,9 +3,10 @@
 For task t = 0..T-1 (one Trainer per task from the run's :class:`Session`, its run folder ``tasks/task_{t}/``
 with its own checkpoints):
 
-1. ``set_seed(seed + t)``; for t > 0 the method's ``begin_task`` (Gumbel CL-LoRA: freeze and normalise
-   the earlier directions, open direction t; other methods keep training the same weights: sequential
-   fine-tuning).
+1. ``set_seed(seed + t)``; for t > 0 the method's ``begin_task`` (Gumbel CL-LoRA, SD-LoRA: freeze and
+   normalise the earlier directions, open direction t; other methods keep training the same weights:
+   sequential fine-tuning). The task trains with the method's ``task_config`` (SD-LoRA: the first task's
+   own epochs and learning rate).
 2. Train on task t's examples. The classifier head is full-size with the logits of other classes
    masked (:class:`HeadMask`): training sees only task t's classes (``loss_classes=current``, as
    SD-LoRA) or all seen classes (``seen``); evaluation sees every seen class. A masked logit gets no
@@ -216,8 +217,9 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
         head.set_classes(loss_classes, data.seen(eval_upto))
         task_data = data.task_data(t) if not cfg.dataset.joint else data.joint().task_data(0)
         task_dir = _task_dir(run_dir, t)
-        epoch_log = EpochLog(t, int(cfg.trainer.epochs), cfg.adapter.get("lambda_sparsity", 0.0))
-        trainer = session.trainer(model, task_data, task_dir, session.callbacks([epoch_log]))
+        task_cfg = method.task_config(cfg, t)
+        epoch_log = EpochLog(t, int(task_cfg.trainer.epochs), cfg.adapter.get("lambda_sparsity", 0.0))
+        trainer = session.trainer(model, task_data, task_dir, session.callbacks([epoch_log]), task_cfg)
         source = ckpt.latest_checkpoint(task_dir) if resume == "auto" else None
         if source is not None:
             trainer.load_checkpoint(source)

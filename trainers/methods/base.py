@@ -103,6 +103,11 @@ class Method:
         return []
 
     # -- continual learning --------------------------------------------------------------------------
+    def task_config(self, cfg: DictConfig, task: int) -> DictConfig:
+        """The config task ``task`` of a continual run trains with (e.g. other epochs for the first task);
+        default: ``cfg`` itself."""
+        return cfg
+
     def begin_task(self, model: nn.Module, task: int) -> None:
         """Before training task ``task`` of a continual run (task > 0); default: keep training the same weights."""
 
