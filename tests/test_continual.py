@@ -25,7 +25,14 @@ from trainers.core.errors import UserError
 from trainers.data.continual import build_continual_data, cap_per_class, task_split
 from trainers.experiments.continual import HeadMask
 from trainers.methods.gumbel import GumbelTemperature, conditional_growth, growth_decision
-from trainers.reports.continual import average_incremental_accuracy, final_accuracy, forgetting, summarize
+from trainers.reports.continual import (
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+    plot_accuracy_matrix,
+    summarize,
+)
 
 DATA_ROOT = os.environ["DATA_ROOT"]
 
@@ -113,6 +120,37 @@ def test_metrics_on_a_hand_made_matrix():
     assert summary["acc_per_step"] == pytest.approx([0.9, (7 + 24) / 40, 0.77])
     assert summary["aaa"] == pytest.approx((0.9 + 31 / 40 + 0.77) / 3)
     assert forgetting([[0.4, 0.5, 0.6]]) == 0.0  # a joint run: one row, nothing to forget
+    assert backward_transfer(MATRIX) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    assert summary["bwt"] == pytest.approx(-0.3) and backward_transfer([[0.4, 0.5, 0.6]]) == 0.0
+
+
+def test_forgetting_takes_the_max_over_every_row_and_is_never_negative():
+    # task 0 improves after the first row (0.5 -> 0.8 -> 0.9 at the end); task 1 rises then drops
+    matrix = [[0.5], [0.8, 0.6], [0.9, 0.7, 0.4], [0.9, 0.5, 0.3, 0.8]]
+    # max over rows i >= j, the last one included: task 0: 0.9 - 0.9, task 1: 0.7 - 0.5, task 2: 0.4 - 0.3
+    assert forgetting(matrix) == pytest.approx((0.0 + 0.2 + 0.1) / 3)
+    # BWT is its own number: final - right after learning (task 0 gained 0.4, the others lost)
+    assert backward_transfer(matrix) == pytest.approx(((0.9 - 0.5) + (0.5 - 0.6) + (0.3 - 0.4)) / 3)
+    improving = [[0.2], [0.6, 0.7], [0.8, 0.9, 0.5]]
+    assert forgetting(improving) == 0.0 and backward_transfer(improving) == pytest.approx((0.6 + 0.2) / 2)
+
+
+def test_accuracy_matrix_plot_marks_every_task(tmp_path, monkeypatch):
+    from trainers.core import plots
+
+    figures = []
+    real_save = plots.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr("trainers.reports.continual.save_figure", keep)
+    path = plot_accuracy_matrix(MATRIX, tmp_path / "m.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    ax = figures[0].axes[0]
+    assert list(ax.get_xticks()) == [0, 1, 2] and list(ax.get_yticks()) == [0, 1, 2]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["90", "70", "80", "50", "60", "90"])
 
 
 # --------------------------------------------------------------------------------------------- growth

@@ -157,9 +157,10 @@ def _evaluate_tasks(trainer: Any, data: Any, upto: int, collate: Any,
 
 def _plots(run_dir: Path, result: dict[str, Any], counts: list[int], betas: list[list[float]],
            threshold: float | None) -> None:
-    from trainers.reports.continual import plot_accuracy, plot_beta_evolution, plot_beta_heatmap
+    from trainers.reports.continual import plot_accuracy, plot_accuracy_matrix, plot_beta_evolution, plot_beta_heatmap
 
     plot_accuracy(result["acc_matrix"], counts, run_dir / "accuracy_over_tasks.png")
+    plot_accuracy_matrix(result["acc_matrix"], run_dir / "accuracy_matrix.png")
     if betas:
         plot_beta_evolution(betas, run_dir / "beta_evolution.png", threshold)
         plot_beta_heatmap(betas, run_dir / "beta_heatmap.png")
@@ -270,7 +271,8 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
         _plots(run_dir, result, counts, betas, cfg.adapter.get("growth_threshold") if betas else None)
     session.finish(model, run_dir, result)
     if accelerator.is_main_process:
-        log.info("done: Acc %.4f, AAA %.4f, forgetting %.4f, active adapters %d/%d, adapter params %d",
-                 result["acc_final"], result["aaa"], result["forgetting"], active, total, result["adapter_params"])
+        log.info("done: Acc %.4f, AAA %.4f, forgetting %.4f, BWT %.4f, active adapters %d/%d, adapter params %d",
+                 result["acc_final"], result["aaa"], result["forgetting"], result["bwt"], active, total,
+                 result["adapter_params"])
     accelerator.wait_for_everyone()
     return result

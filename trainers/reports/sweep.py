@@ -16,7 +16,8 @@ from trainers.loop.metrics_log import METRICS_JSON
 SUMMARY_CSV = "summary.csv"
 SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "trainable_params",
                    "train_samples_per_second", "wall_time_s",
-                   "acc_final", "aaa", "forgetting", "active_adapters", "total_adapters", "adapter_params")  # continual
+                   # continual runs
+                   "acc_final", "aaa", "forgetting", "bwt", "active_adapters", "total_adapters", "adapter_params")
 
 
 def _job_sort_key(path: Path) -> tuple[int, Any]:
