@@ -203,10 +203,41 @@ def gumbel_betas(model: nn.Module) -> torch.Tensor:
     return torch.stack([layer.beta(noise=False).detach().float().cpu() for layer in layers])
 
 
-def gumbel_active_tasks(model: nn.Module) -> torch.Tensor:
-    """Which tasks are active (not pruned), as a bool vector over tasks (from the first Gumbel layer)."""
+@torch.no_grad()
+def gumbel_contributions(model: nn.Module) -> torch.Tensor:
+    """Each task's share of the update in every Gumbel layer, noise-free: |beta_t alpha_t| / sum_k |beta_k alpha_k|
+    (rows sum to 1, or are all 0 when every term is 0); shape (layers, tasks), (0, 0) if none."""
     layers = list(adapter_layers(model, GumbelLinear).values())
-    return layers[0].active.detach().cpu().clone() if layers else torch.zeros(0, dtype=torch.bool)
+    if not layers:
+        return torch.zeros(0, 0)
+    rows = []
+    for layer in layers:
+        weight = (layer.beta(noise=False) * layer.magnitudes).detach().float().abs().cpu()
+        total = weight.sum()
+        rows.append(weight / total if total > 0 else weight)
+    return torch.stack(rows)
+
+
+def gumbel_active_tasks(model: nn.Module) -> torch.Tensor:
+    """Which tasks are active (not pruned) in at least one Gumbel layer, as a bool vector over tasks."""
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    if not layers:
+        return torch.zeros(0, dtype=torch.bool)
+    return torch.stack([layer.active.detach().cpu() for layer in layers]).any(0)
+
+
+@torch.no_grad()
+def drop_zero_beta_tasks(model: nn.Module) -> dict[int, int]:
+    """Prune, layer by layer, every active task whose noise-free beta is exactly 0 there. Removing it cannot change
+    the layer's eval output: its term is 0, and sparsemax's threshold depends only on the entries above it, so the
+    other betas stay the same. Returns task -> number of layers it was dropped from."""
+    dropped: dict[int, int] = {}
+    for layer in adapter_layers(model, GumbelLinear).values():
+        beta = layer.beta(noise=False)
+        for t in (layer.active & (beta == 0)).nonzero().flatten().tolist():
+            layer.prune_task(t)
+            dropped[t] = dropped.get(t, 0) + 1
+    return dropped
 
 
 def gumbel_sparsity_loss(model: nn.Module) -> torch.Tensor:

@@ -179,7 +179,8 @@ def test_conditional_growth_prunes_a_low_beta_and_saves_the_beta_file(tmp_path, 
     for layer in adapter_layers(model, GumbelLinear).values():
         layer.tau = 1.0
         layer.gate_logits.data = torch.tensor([2.0, 1.5, -3.0])  # sparsemax -> [0.75, 0.25, 0]
-    cfg = OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True})
+    cfg = OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True, "tau_final": 1.0,
+                            "growth_score": "beta"})
     with caplog.at_level(logging.INFO, logger="trainers.methods.gumbel"):
         decided = conditional_growth(model, 2, cfg, tmp_path)
     assert decided["kept"] is False and decided["pruning_mask"] == [True, True, False]
@@ -193,6 +194,62 @@ def test_conditional_growth_prunes_a_low_beta_and_saves_the_beta_file(tmp_path, 
     assert "Pruning adapter for task 2" in text and "Active adapters: 2/3 (66.7%)" in text
     # the pruned pair is not counted any more: 2 layers x 2 kept tasks x r (in + out)
     assert lora_direction_parameters(model) == 2 * (2 * 6 + 6 * 2) + 2 * (2 * 6 + 4 * 2)
+
+
+def growth_cfg(**kw):
+    return OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True, "tau_final": 0.5,
+                             "growth_score": "contribution", **kw})
+
+
+def set_gate(model, logits, magnitudes):
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.gate_logits.data = torch.tensor(logits, dtype=layer.gate_logits.dtype)
+        layer.magnitudes.data = torch.tensor(magnitudes, dtype=layer.magnitudes.dtype)
+
+
+def test_growth_is_decided_at_tau_final_and_scores_contributions(tmp_path):
+    # logits / 0.5 = [2.6, 2.2, 2.2]: sparsemax -> [0.6, 0.2, 0.2] at tau_final (at tau 5 it would be ~uniform)
+    model = tiny_gumbel_model(3)
+    set_gate(model, [1.3, 1.1, 1.1], [1.0, 1.0, 0.2])
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.tau = 5.0
+    decided = conditional_growth(model, 2, growth_cfg(), tmp_path)
+    assert all(layer.tau == 0.5 for layer in adapter_layers(model, GumbelLinear).values())
+    assert decided["beta_values"] == pytest.approx([0.6, 0.2, 0.2], abs=1e-6)
+    # contribution shares: |beta alpha| = [0.6, 0.2, 0.04] / 0.84; adapter 2's share 0.0476 <= 0.1: pruned
+    assert decided["growth_scores"] == pytest.approx([0.6 / 0.84, 0.2 / 0.84, 0.04 / 0.84], abs=1e-6)
+    assert decided["kept"] is False and decided["pruning_mask"] == [True, True, False]
+    saved = torch.load(tmp_path / "beta_values_task_2.pt", weights_only=True)
+    assert {"beta_values", "pruning_mask", "layer_beta_values", "task", "threshold", "kept"} <= set(saved)
+    # the seed's rule keeps it (beta 0.2 > 0.1)
+    model = tiny_gumbel_model(3)
+    set_gate(model, [1.3, 1.1, 1.1], [1.0, 1.0, 0.2])
+    assert conditional_growth(model, 2, growth_cfg(growth_score="beta"), tmp_path)["kept"] is True
+
+
+def test_old_adapters_with_beta_exactly_zero_are_dropped_and_outputs_do_not_change(tmp_path):
+    model = tiny_gumbel_model(4).double()
+    for layer in adapter_layers(model, GumbelLinear).values():
+        for b in layer.lora_B:
+            b.data.normal_()
+    # at tau 0.5 logits [0.1, 1.0, 0.9, 0.2] / 0.5 = [0.2, 2, 1.8, 0.4]: sparsemax -> [0, 0.6, 0.4, 0]
+    set_gate(model, [0.1, 1.0, 0.9, 0.2], [0.8, 0.8, 0.8, 0.8])
+    model.eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.tau = 0.5
+    before = model(x)
+    decided = conditional_growth(model, 3, growth_cfg(growth_score="beta"), tmp_path)
+    # the new adapter (3) fails the rule; the old adapter 0 has beta exactly 0 and goes too
+    assert decided["kept"] is False and decided["dropped_zero_beta"] == [0]
+    assert decided["pruning_mask"] == [False, True, True, False]
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    assert gumbel_betas(model)[0].tolist() == pytest.approx([0.0, 0.6, 0.4, 0.0])
+    # growth disabled (the gated SD-LoRA variant): nothing is pruned, not even a beta of 0
+    model = tiny_gumbel_model(4)
+    set_gate(model, [0.1, 1.0, 0.9, 0.2], [0.8, 0.8, 0.8, 0.8])
+    decided = conditional_growth(model, 3, growth_cfg(conditional_growth=False), tmp_path)
+    assert decided["pruning_mask"] == [True] * 4 and decided["dropped_zero_beta"] == []
 
 
 def test_gumbel_betas_are_noise_free_and_sum_to_one():
@@ -219,6 +276,17 @@ def test_tau_schedule():
     assert schedule.tau(0) == 5.0
     assert schedule.tau(100) == pytest.approx(5.0 * 0.999 ** 100)
     assert schedule.tau(2302) == pytest.approx(max(0.5, 5.0 * 0.999 ** 2302)) and schedule.tau(5000) == 0.5
+
+
+def test_tau_reaches_tau_final_at_the_end_of_each_task():
+    schedule = GumbelTemperature(5.0, 0.5, None)
+    schedule.total_steps = 85  # anneal_rate null: rate = (0.5 / 5) ** (1 / 85)
+    rate = 0.1 ** (1 / 85)
+    assert schedule.rate() == pytest.approx(rate)
+    assert [schedule.tau(s) for s in (0, 40)] == pytest.approx([5.0, 5.0 * rate ** 40])
+    assert schedule.tau(85) == 0.5 and schedule.tau(84) > 0.5
+    schedule.total_steps = 10  # a shorter task anneals faster: the same end point
+    assert schedule.tau(5) == pytest.approx(5.0 * 0.1 ** 0.5) and schedule.tau(10) == 0.5
 
 
 # --------------------------------------------------------------------------------------------- head

@@ -50,7 +50,8 @@ def test_three_task_run_writes_the_field_metrics(gumbel_run):
     assert [len(m["beta_values"]) for m in masks] == [1, 2, 3]
     for t, m in enumerate(masks):
         assert float(m["beta_values"].sum()) == pytest.approx(1.0, abs=1e-5)  # the gate before the decision
-        assert bool(m["pruning_mask"][t]) == (t == 0 or float(m["beta_values"][t]) > 0.34)
+        assert m["growth_score"] == "contribution" and len(m["scores"]) == t + 1
+        assert bool(m["pruning_mask"][t]) == (t == 0 or float(m["scores"][t]) > 0.34)
     assert metrics["active_adapters"] == int(masks[-1]["pruning_mask"].sum())
     for name in ("accuracy_over_tasks.png", "accuracy_matrix.png", "beta_evolution.png", "beta_heatmap.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"

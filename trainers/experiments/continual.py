@@ -227,10 +227,10 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
         else:
             trainer.start_fresh()
         metrics = trainer.train()
-        decision = method.end_task(model, t, cfg, run_dir, accelerator.is_main_process)
+        decision = dict(method.end_task(model, t, cfg, run_dir, accelerator.is_main_process))
         # tested after the growth decision (the model that goes on); the Trainer's own test of task t still holds
-        # unless adapter t was just pruned
-        unchanged = not cfg.dataset.joint and decision.get("kept", True)
+        # unless the decision changed the model (adapter t pruned, another temperature, ...)
+        unchanged = not cfg.dataset.joint and decision.get("kept", True) and not decision.pop("model_changed", False)
         row, counts = _evaluate_tasks(trainer, data, eval_upto, trainer.collate,
                                       {t: metrics["eval_accuracy"]} if unchanged else {})
         record: dict[str, Any] = {"task": t, "acc_row": row, "eval_counts": counts,

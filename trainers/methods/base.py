@@ -112,7 +112,8 @@ class Method:
         """Before training task ``task`` of a continual run (task > 0); default: keep training the same weights."""
 
     def end_task(self, model: nn.Module, task: int, cfg: DictConfig, run_dir: Path, main: bool) -> dict[str, Any]:
-        """After training task ``task``: e.g. decide which adapters to keep; returns what goes into the task record."""
+        """After training task ``task``: e.g. decide which adapters to keep; returns what goes into the task record
+        (the key ``model_changed``, popped by the runner: the model differs from the one the Trainer tested last)."""
         return {}
 
     def adapters_kept(self, model: nn.Module) -> tuple[int, int]:
