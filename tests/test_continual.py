@@ -354,3 +354,45 @@ def test_gate_logits_get_their_own_learning_rate_group():
     assert not logits & {id(p) for p in base_opt.param_groups[0]["params"]}
     plain = base_optimizer(None)  # without logit_lr: one group, as before
     assert len(plain.param_groups) == 1 and logits <= {id(p) for p in plain.param_groups[0]["params"]}
+
+
+# --------------------------------------------------------------------------------------------- global gate
+def global_gate_model(tasks: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4))
+    wrap_linears(model, ["0", "2"], adapter="gumbel", r=2, lora_alpha=4, gate="global")
+    for _ in range(tasks - 1):
+        add_gumbel_task(model)
+    return model
+
+
+def test_a_global_gate_is_one_parameter_and_one_sample_per_forward(tmp_path):
+    from adapters import adapter_state_dict
+
+    model = global_gate_model(3)
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    logit_names = [n for n, p in model.named_parameters() if n.endswith("gate_logits")]
+    assert logit_names == ["gumbel_gate.gate_logits"] and model.gumbel_gate.gate_logits.shape == (3,)
+    assert [k for k in adapter_state_dict(model) if "gate_logits" in k] == ["gumbel_gate.gate_logits"]
+    model.gumbel_gate.gate_logits.data = torch.tensor([0.3, -0.2, 0.1])
+    model.train()
+    model(torch.randn(2, 6))
+    first = layers[0].last_beta
+    assert layers[1].last_beta is first  # both layers used the same Gumbel sample
+    model(torch.randn(2, 6))
+    assert not torch.equal(layers[0].last_beta, first) and layers[1].last_beta is layers[0].last_beta
+    # the gradient of the shared logits collects both layers'
+    (model(torch.randn(2, 6)).sum() + sum(layer.magnitudes.sum() for layer in layers)).backward()
+    assert model.gumbel_gate.gate_logits.grad is not None
+    # the decision sees one beta vector: every layer's row is the same, and pruning is the same everywhere
+    for layer in layers:
+        layer.tau = 1.0
+    model.gumbel_gate.gate_logits.data = torch.tensor([2.0, 1.5, -3.0])
+    decided = conditional_growth(model, 2, growth_cfg(tau_final=1.0, growth_score="beta"), tmp_path)
+    betas = gumbel_betas(model)
+    assert torch.equal(betas[0], betas[1]) and decided["pruning_mask"] == [True, True, False]
+    assert all(layer.active.tolist() == [True, True, False] for layer in layers)
+    # the structure of a later task is rebuilt by add_gumbel_task (the shared logits grow with it)
+    assert add_gumbel_task(model) == 4 and model.gumbel_gate.gate_logits.shape == (4,)
+    with pytest.raises(ValueError, match="gate must be one of layer, global"):
+        wrap_linears(nn.Sequential(nn.Linear(2, 2)), ["0"], adapter="gumbel", gate="model")

@@ -36,6 +36,7 @@ class GumbelSchema(LoraSchema):
     growth_threshold: float = MISSING
     conditional_growth: bool = MISSING
     growth_score: str = MISSING
+    gate: str = MISSING
     gate_logit_lr: float | None = MISSING
 
 
@@ -177,7 +178,7 @@ def conditional_growth(model: nn.Module, task: int, adapter_cfg: Any, run_dir: P
 class GumbelMethod(Method):
     name = "gumbel"
     schema = GumbelSchema
-    layer_keys = {"use_rslora": "use_rslora", "tau_init": "tau"}
+    layer_keys = {"use_rslora": "use_rslora", "tau_init": "tau", "gate": "gate"}
 
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
@@ -185,6 +186,7 @@ class GumbelMethod(Method):
         require(adapter.tau_init > 0 and adapter.tau_final > 0, "adapter.tau_init and adapter.tau_final must be > 0")
         require(adapter.anneal_rate is None or 0 < adapter.anneal_rate <= 1,
                 f"adapter.anneal_rate must be null or in (0, 1] (got {adapter.anneal_rate})")
+        require(adapter.gate in ("layer", "global"), f"adapter.gate must be layer or global (got {adapter.gate!r})")
         require(adapter.growth_score in GROWTH_SCORES,
                 f"adapter.growth_score must be one of {', '.join(GROWTH_SCORES)} (got {adapter.growth_score!r})")
         require(adapter.lambda_sparsity >= 0, f"adapter.lambda_sparsity must be >= 0 (got {adapter.lambda_sparsity})")
