@@ -135,3 +135,24 @@ def test_bad_values_fail_with_one_line(tmp_path, override, message):
     assert proc.returncode == 1
     lines = stderr_lines(proc)
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_global_gate_run_resumes_exactly_inside_a_task(tmp_path):
+    """adapter.gate=global (one shared gate, anneal_rate null: tau reaches tau_final at each task's end)."""
+    args = TINY_CL + ["adapter=gumbel", "adapter.gate=global", "adapter.lambda_sparsity=0.5",
+                      "adapter.growth_threshold=0.34"]
+    full, killed_dir = tmp_path / "full", tmp_path / "killed"
+    proc = run_main(args + [f"hydra.run.dir={full}"])
+    assert proc.returncode == 0, proc.stderr
+    log = (full / "main.log").read_text()
+    assert "Task 2, Epoch 2/2 =>" in log and ", tau=0.500" in log  # the last epoch ends at tau_final
+    masks = [torch.load(full / f"beta_values_task_{t}.pt", weights_only=True) for t in range(3)]
+    assert all(torch.equal(m["layer_beta_values"][0], m["layer_beta_values"][-1]) for m in masks)  # one gate
+    killed = run_main(args + [KILL, "+trainer.callbacks.kill.task=1", "+trainer.callbacks.kill.step=2",
+                              f"hydra.run.dir={killed_dir}"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_main(args + ["resume=auto", f"hydra.run.dir={killed_dir}"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(read_json(killed_dir / "metrics.json")) == comparable(read_json(full / "metrics.json"))
+    assert (killed_dir / "adapter" / "adapter_state.safetensors").read_bytes() == \
+        (full / "adapter" / "adapter_state.safetensors").read_bytes()
