@@ -110,7 +110,7 @@ def test_a_new_task_freezes_normalises_and_resets_every_magnitude_to_0_8():
 
 
 def cfg_for(**adapter):
-    base = OmegaConf.load("conf/adapter/sdlora.yaml")
+    base = OmegaConf.merge(OmegaConf.load("conf/adapter/sdlora.yaml"), {"lr": None})  # lr: trainer.base_lr
     trainer = {"base_lr": 0.1, "betas": [0.9, 0.98], "weight_decay": 0.01, "warmup_ratio": 0.1, "epochs": 2}
     return OmegaConf.create({"adapter": OmegaConf.merge(base, adapter), "trainer": trainer})
 
@@ -135,21 +135,26 @@ def test_sgd_with_a_cosine_floor_and_the_adamw_option():
     (spec,) = get_method("sdlora").optimizers(model, cfg_for(optimizer="adamw", lr_schedule="linear"))
     opt = spec.build(spec.param_groups)
     assert isinstance(opt, torch.optim.AdamW) and spec.schedule is None and spec.warmup_ratio == 0.0
+    (spec,) = get_method("sdlora").optimizers(model, cfg_for(lr=0.7))  # adapter.lr wins over trainer.base_lr
+    assert spec.build(spec.param_groups).param_groups[0]["lr"] == 0.7
 
 
 def test_first_task_has_its_own_epochs_and_lr():
     method = get_method("sdlora")
     cfg = cfg_for(init_epochs=5, init_lr=0.3)
     first, later = method.task_config(cfg, 0), method.task_config(cfg, 1)
-    assert (first.trainer.epochs, first.trainer.base_lr) == (5, 0.3)
-    assert (later.trainer.epochs, later.trainer.base_lr) == (2, 0.1) and later is cfg
+    assert (first.trainer.epochs, first.adapter.lr) == (5, 0.3)
+    assert (later.trainer.epochs, later.adapter.lr) == (2, None) and later is cfg
+    model = three_task_model(torch.float32)
+    (spec,) = method.optimizers(model, first)
+    assert spec.build(spec.param_groups).param_groups[0]["lr"] == 0.3
     assert method.task_config(cfg_for(), 0) is not None and method.task_config(cfg_for(), 0).trainer.epochs == 2
 
 
 # --------------------------------------------------------------------------------------------- main.py
 TINY = ["dataset=clinc150_cl", "model=tiny-random-bert", "dataset.num_tasks=3", "dataset.max_train_per_class=6",
         "dataset.max_eval_per_class=4", "trainer.batch_size=16", "trainer.eval_batch_size=64", "trainer.epochs=2",
-        "trainer.save_every_steps=3", "trainer.log_every_steps=2", "+cl_method=sdlora", "trainer.base_lr=0.05",
+        "trainer.save_every_steps=3", "trainer.log_every_steps=2", "+cl_method=sdlora", "adapter.lr=0.05",
         "adapter.init_epochs=3", "adapter.init_lr=0.1"]
 KILL = "+trainer.callbacks.kill._target_=tests._continual_helpers.KillInTask"
 

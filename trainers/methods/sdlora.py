@@ -30,6 +30,7 @@ LR_SCHEDULES = ("cosine", "linear")
 class SDLoraSchema(LoraSchema):
     magnitude_init: float = MISSING
     optimizer: str = MISSING
+    lr: float | None = MISSING
     momentum: float = MISSING
     lr_schedule: str = MISSING
     min_lr_ratio: float = MISSING
@@ -71,6 +72,7 @@ class SDLoraMethod(Method):
                 f"adapter.warmup_ratio must be null or in [0, 1) (got {adapter.warmup_ratio})")
         require(adapter.init_epochs is None or adapter.init_epochs > 0,
                 f"adapter.init_epochs must be null or > 0 (got {adapter.init_epochs})")
+        require(adapter.lr is None or adapter.lr > 0, f"adapter.lr must be null or > 0 (got {adapter.lr})")
         require(adapter.init_lr is None or adapter.init_lr > 0,
                 f"adapter.init_lr must be null or > 0 (got {adapter.init_lr})")
 
@@ -83,18 +85,19 @@ class SDLoraMethod(Method):
     # -- training ------------------------------------------------------------------------------------
     def optimizers(self, model: nn.Module, cfg: DictConfig) -> list[OptimizerSpec]:
         """One optimizer over every trainable parameter: SGD (momentum ``adapter.momentum``, no weight decay, as
-        the official code) or AdamW (``trainer.betas`` / ``trainer.weight_decay``), peak lr ``trainer.base_lr``,
-        with a cosine-with-floor (or the linear) schedule."""
+        the official code) or AdamW (``trainer.betas`` / ``trainer.weight_decay``), peak lr ``adapter.lr`` (null:
+        ``trainer.base_lr``), with a cosine-with-floor (or the linear) schedule."""
         tcfg, adapter = cfg.trainer, cfg.adapter
         params = [p for p in model.parameters() if p.requires_grad]
+        peak = float(tcfg.base_lr if adapter.lr is None else adapter.lr)
         warmup = float(tcfg.warmup_ratio if adapter.warmup_ratio is None else adapter.warmup_ratio)
         if adapter.optimizer == "sgd":
-            lr, momentum = float(tcfg.base_lr), float(adapter.momentum)
+            momentum = float(adapter.momentum)
 
             def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-                return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+                return torch.optim.SGD(groups, lr=peak, momentum=momentum)
         else:
-            build = adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay)
+            build = adamw(peak, tcfg.betas, tcfg.weight_decay)
         schedule = cosine_with_floor(warmup, adapter.min_lr_ratio) if adapter.lr_schedule == "cosine" else None
         return [OptimizerSpec("base", [{"params": params}], build, warmup, schedule)]
 
@@ -105,10 +108,10 @@ class SDLoraMethod(Method):
             return cfg
         changes: dict[str, Any] = {}
         if adapter.init_epochs is not None:
-            changes["epochs"] = int(adapter.init_epochs)
+            changes["trainer"] = {"epochs": int(adapter.init_epochs)}
         if adapter.init_lr is not None:
-            changes["base_lr"] = float(adapter.init_lr)
-        return OmegaConf.merge(cfg, {"trainer": changes})
+            changes["adapter"] = {"lr": float(adapter.init_lr)}
+        return OmegaConf.merge(cfg, changes)
 
     # -- continual learning --------------------------------------------------------------------------
     def begin_task(self, model: nn.Module, task: int) -> None:
