@@ -5,6 +5,7 @@ end to end with exact resume inside and between tasks."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,23 @@ def test_bad_sdlora_values_fail_with_one_line(tmp_path, override, message):
     assert proc.returncode == 1
     lines = stderr_lines(proc)
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_cl_method_presets_sdlora_and_the_gated_variant():
+    from hydra import compose, initialize_config_dir
+
+    from trainers.cli.schemas import validate_config
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        faithful = compose("config", overrides=["dataset=clinc150_cl", "+cl_method=sdlora"])
+        gated = compose("config", overrides=["dataset=clinc150_cl", "+cl_method=sdlora_gated"])
+    validate_config(faithful)
+    validate_config(gated)
+    adapter = faithful.adapter
+    assert (adapter.name, adapter.r, adapter.lora_dropout, list(adapter.target_modules)) == \
+        ("sdlora", 10, 0.0, ["query", "value"])
+    assert (adapter.magnitude_init, adapter.optimizer, adapter.momentum, adapter.lr_schedule) == \
+        (0.8, "sgd", 0.9, "cosine")
+    assert (gated.adapter.name, gated.adapter.lambda_sparsity, gated.adapter.conditional_growth) == \
+        ("gumbel", 0.0, False)
