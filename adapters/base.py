@@ -163,6 +163,18 @@ def low_rank_linear(
     return _LowRankLinearFn.apply(x, x_branch, base_layer.weight, base_layer.bias, lora_A, lora_B, gate, scaling)
 
 
+class SharedAdapterState(nn.Module):
+    """Adapter tensors shared by many layers of one model (e.g. SD-LoRA's per-task magnitudes).
+
+    Registered once on the model (not inside any layer), so optimizers and state dicts see them once;
+    ``adapter_state_dict`` always includes them. Its forward is the identity, so registering it on an
+    ``nn.Sequential`` (which calls every child in turn) changes nothing.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class AdapterLayer(nn.Module):
     """Base class: holds the frozen base layer, the rank, the scaling and the input dropout.
 
@@ -231,6 +243,11 @@ class AdapterLayer(nn.Module):
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not autocast_active(x.device.type)
         )
+
+    @classmethod
+    def setup_shared(cls, model: nn.Module, layers: list[AdapterLayer]) -> None:
+        """Called by ``wrap_linears`` once with every layer of this kind it just injected: where a method shares
+        tensors between layers, register them (a :class:`SharedAdapterState`) on ``model`` here. Default: nothing."""
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) update this adapter adds to the base weight."""

@@ -120,11 +120,13 @@ class Session:
         return (self.method.callbacks(self.cfg) + self.schedule.callbacks(self.cfg) + user_callbacks(self.cfg)
                 + list(extra or []))
 
-    def trainer(self, model: Any, data: Any, run_dir: Path, callbacks: list[TrainerCallback]) -> Any:
-        """A Trainer for ``model`` on ``data`` writing into ``run_dir``."""
+    def trainer(self, model: Any, data: Any, run_dir: Path, callbacks: list[TrainerCallback],
+                cfg: DictConfig | None = None) -> Any:
+        """A Trainer for ``model`` on ``data`` writing into ``run_dir`` (with ``cfg``, e.g. one task's config of a
+        continual run; default: the session's)."""
         from trainers.loop.trainer import Trainer
 
-        cfg = self.cfg
+        cfg = self.cfg if cfg is None else cfg
         return Trainer(cfg, model, data, self.objective.collator(), self.accelerator, run_dir,
                        self.schedule.stages(cfg), lambda m: self.method.optimizers(m, cfg), self.objective,
                        callbacks, self.started_at)

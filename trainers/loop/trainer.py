@@ -32,7 +32,7 @@ from trainers.data.sampling import EpochSampler, ShardSampler, make_loader
 from trainers.loop import checkpoint as ckpt
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.metrics_log import MetricsWriter
-from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_warmup_scheduler
+from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_scheduler
 from trainers.loop.stages import Stage
 from trainers.loop.state import TrainerState
 from trainers.objectives import EvalContext, Objective
@@ -118,9 +118,8 @@ class Trainer:
         if not resumed and stage.reset_optimizers and self.state.global_step > 0:
             self._specs = self.optimizer_specs(self.model)
             self.optimizers = build_optimizers(self._specs)
-        warmup = {spec.name: spec.warmup_ratio for spec in self._specs}
-        self.schedulers = {name: build_warmup_scheduler(opt, steps, float(warmup[name]))
-                           for name, opt in self.optimizers.items()}
+        specs = {spec.name: spec for spec in self._specs}
+        self.schedulers = {name: build_scheduler(specs[name], opt, steps) for name, opt in self.optimizers.items()}
         if resumed:  # optimizer states after the schedulers are built (building one resets the lr)
             objects = self._pending.pop("objects")
             for name, opt in self.optimizers.items():

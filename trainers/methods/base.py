@@ -103,11 +103,17 @@ class Method:
         return []
 
     # -- continual learning --------------------------------------------------------------------------
+    def task_config(self, cfg: DictConfig, task: int) -> DictConfig:
+        """The config task ``task`` of a continual run trains with (e.g. other epochs for the first task);
+        default: ``cfg`` itself."""
+        return cfg
+
     def begin_task(self, model: nn.Module, task: int) -> None:
         """Before training task ``task`` of a continual run (task > 0); default: keep training the same weights."""
 
     def end_task(self, model: nn.Module, task: int, cfg: DictConfig, run_dir: Path, main: bool) -> dict[str, Any]:
-        """After training task ``task``: e.g. decide which adapters to keep; returns what goes into the task record."""
+        """After training task ``task``: e.g. decide which adapters to keep; returns what goes into the task record
+        (the key ``model_changed``, popped by the runner: the model differs from the one the Trainer tested last)."""
         return {}
 
     def adapters_kept(self, model: nn.Module) -> tuple[int, int]:

@@ -21,7 +21,7 @@ make = compose_config
 
 def test_every_group_has_the_required_options():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert {"lora", "dora", "sora", "gumbel", "loraplus"} <= names["adapter"]
+    assert {"lora", "dora", "sora", "gumbel", "loraplus", "sdlora"} <= names["adapter"]
     from trainers.methods import methods
 
     assert names["adapter"] == set(methods())  # every adapter YAML has its plug-in, and the other way round
@@ -54,7 +54,8 @@ def test_group_specific_keys():
     assert (sora.gate_init, sora.threshold_mode) == ("ones", "lr_scaled")
     gumbel = make(["adapter=gumbel"]).adapter
     assert {"tau_init", "tau_final", "anneal_rate", "lambda_sparsity", "growth_threshold"} <= set(gumbel)
-    assert (gumbel.tau_init, gumbel.tau_final, gumbel.anneal_rate, gumbel.growth_threshold) == (5.0, 0.5, 0.999, 0.1)
+    assert (gumbel.tau_init, gumbel.tau_final, gumbel.anneal_rate, gumbel.growth_threshold) == (5.0, 0.5, None, 0.1)
+    assert (gumbel.growth_score, gumbel.gate) == ("contribution", "layer")
     for group in ("lora", "dora", "sora", "gumbel"):
         assert {"r", "lora_alpha", "lora_dropout", "target_modules"} <= set(make([f"adapter={group}"]).adapter)
     for option in ("sst2", "banking77", "clinc150"):

@@ -26,7 +26,14 @@ from trainers.core.errors import UserError
 from trainers.data.continual import build_continual_data, cap_per_class, task_split
 from trainers.experiments.continual import HeadMask
 from trainers.methods.gumbel import GumbelTemperature, conditional_growth, growth_decision
-from trainers.reports.continual import average_incremental_accuracy, final_accuracy, forgetting, summarize
+from trainers.reports.continual import (
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+    plot_accuracy_matrix,
+    summarize,
+)
 
 DATA_ROOT = os.environ["DATA_ROOT"]
 
@@ -114,6 +121,37 @@ def test_metrics_on_a_hand_made_matrix():
     assert summary["acc_per_step"] == pytest.approx([0.9, (7 + 24) / 40, 0.77])
     assert summary["aaa"] == pytest.approx((0.9 + 31 / 40 + 0.77) / 3)
     assert forgetting([[0.4, 0.5, 0.6]]) == 0.0  # a joint run: one row, nothing to forget
+    assert backward_transfer(MATRIX) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    assert summary["bwt"] == pytest.approx(-0.3) and backward_transfer([[0.4, 0.5, 0.6]]) == 0.0
+
+
+def test_forgetting_takes_the_max_over_every_row_and_is_never_negative():
+    # task 0 improves after the first row (0.5 -> 0.8 -> 0.9 at the end); task 1 rises then drops
+    matrix = [[0.5], [0.8, 0.6], [0.9, 0.7, 0.4], [0.9, 0.5, 0.3, 0.8]]
+    # max over rows i >= j, the last one included: task 0: 0.9 - 0.9, task 1: 0.7 - 0.5, task 2: 0.4 - 0.3
+    assert forgetting(matrix) == pytest.approx((0.0 + 0.2 + 0.1) / 3)
+    # BWT is its own number: final - right after learning (task 0 gained 0.4, the others lost)
+    assert backward_transfer(matrix) == pytest.approx(((0.9 - 0.5) + (0.5 - 0.6) + (0.3 - 0.4)) / 3)
+    improving = [[0.2], [0.6, 0.7], [0.8, 0.9, 0.5]]
+    assert forgetting(improving) == 0.0 and backward_transfer(improving) == pytest.approx((0.6 + 0.2) / 2)
+
+
+def test_accuracy_matrix_plot_marks_every_task(tmp_path, monkeypatch):
+    from trainers.core import plots
+
+    figures = []
+    real_save = plots.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr("trainers.reports.continual.save_figure", keep)
+    path = plot_accuracy_matrix(MATRIX, tmp_path / "m.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    ax = figures[0].axes[0]
+    assert list(ax.get_xticks()) == [0, 1, 2] and list(ax.get_yticks()) == [0, 1, 2]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["90", "70", "80", "50", "60", "90"])
 
 
 # --------------------------------------------------------------------------------------------- growth
@@ -142,7 +180,8 @@ def test_conditional_growth_prunes_a_low_beta_and_saves_the_beta_file(tmp_path, 
     for layer in adapter_layers(model, GumbelLinear).values():
         layer.tau = 1.0
         layer.gate_logits.data = torch.tensor([2.0, 1.5, -3.0])  # sparsemax -> [0.75, 0.25, 0]
-    cfg = OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True})
+    cfg = OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True, "tau_final": 1.0,
+                            "growth_score": "beta"})
     with caplog.at_level(logging.INFO, logger="trainers.methods.gumbel"):
         decided = conditional_growth(model, 2, cfg, tmp_path)
     assert decided["kept"] is False and decided["pruning_mask"] == [True, True, False]
@@ -156,6 +195,62 @@ def test_conditional_growth_prunes_a_low_beta_and_saves_the_beta_file(tmp_path, 
     assert "Pruning adapter for task 2" in text and "Active adapters: 2/3 (66.7%)" in text
     # the pruned pair is not counted any more: 2 layers x 2 kept tasks x r (in + out)
     assert lora_direction_parameters(model) == 2 * (2 * 6 + 6 * 2) + 2 * (2 * 6 + 4 * 2)
+
+
+def growth_cfg(**kw):
+    return OmegaConf.create({"growth_threshold": 0.1, "conditional_growth": True, "tau_final": 0.5,
+                             "growth_score": "contribution", **kw})
+
+
+def set_gate(model, logits, magnitudes):
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.gate_logits.data = torch.tensor(logits, dtype=layer.gate_logits.dtype)
+        layer.magnitudes.data = torch.tensor(magnitudes, dtype=layer.magnitudes.dtype)
+
+
+def test_growth_is_decided_at_tau_final_and_scores_contributions(tmp_path):
+    # logits / 0.5 = [2.6, 2.2, 2.2]: sparsemax -> [0.6, 0.2, 0.2] at tau_final (at tau 5 it would be ~uniform)
+    model = tiny_gumbel_model(3)
+    set_gate(model, [1.3, 1.1, 1.1], [1.0, 1.0, 0.2])
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.tau = 5.0
+    decided = conditional_growth(model, 2, growth_cfg(), tmp_path)
+    assert all(layer.tau == 0.5 for layer in adapter_layers(model, GumbelLinear).values())
+    assert decided["beta_values"] == pytest.approx([0.6, 0.2, 0.2], abs=1e-6)
+    # contribution shares: |beta alpha| = [0.6, 0.2, 0.04] / 0.84; adapter 2's share 0.0476 <= 0.1: pruned
+    assert decided["growth_scores"] == pytest.approx([0.6 / 0.84, 0.2 / 0.84, 0.04 / 0.84], abs=1e-6)
+    assert decided["kept"] is False and decided["pruning_mask"] == [True, True, False]
+    saved = torch.load(tmp_path / "beta_values_task_2.pt", weights_only=True)
+    assert {"beta_values", "pruning_mask", "layer_beta_values", "task", "threshold", "kept"} <= set(saved)
+    # the seed's rule keeps it (beta 0.2 > 0.1)
+    model = tiny_gumbel_model(3)
+    set_gate(model, [1.3, 1.1, 1.1], [1.0, 1.0, 0.2])
+    assert conditional_growth(model, 2, growth_cfg(growth_score="beta"), tmp_path)["kept"] is True
+
+
+def test_old_adapters_with_beta_exactly_zero_are_dropped_and_outputs_do_not_change(tmp_path):
+    model = tiny_gumbel_model(4).double()
+    for layer in adapter_layers(model, GumbelLinear).values():
+        for b in layer.lora_B:
+            b.data.normal_()
+    # at tau 0.5 logits [0.1, 1.0, 0.9, 0.2] / 0.5 = [0.2, 2, 1.8, 0.4]: sparsemax -> [0, 0.6, 0.4, 0]
+    set_gate(model, [0.1, 1.0, 0.9, 0.2], [0.8, 0.8, 0.8, 0.8])
+    model.eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for layer in adapter_layers(model, GumbelLinear).values():
+        layer.tau = 0.5
+    before = model(x)
+    decided = conditional_growth(model, 3, growth_cfg(growth_score="beta"), tmp_path)
+    # the new adapter (3) fails the rule; the old adapter 0 has beta exactly 0 and goes too
+    assert decided["kept"] is False and decided["dropped_zero_beta"] == [0]
+    assert decided["pruning_mask"] == [False, True, True, False]
+    torch.testing.assert_close(model(x), before, rtol=1e-12, atol=1e-12)
+    assert gumbel_betas(model)[0].tolist() == pytest.approx([0.0, 0.6, 0.4, 0.0])
+    # growth disabled (the gated SD-LoRA variant): nothing is pruned, not even a beta of 0
+    model = tiny_gumbel_model(4)
+    set_gate(model, [0.1, 1.0, 0.9, 0.2], [0.8, 0.8, 0.8, 0.8])
+    decided = conditional_growth(model, 3, growth_cfg(conditional_growth=False), tmp_path)
+    assert decided["pruning_mask"] == [True] * 4 and decided["dropped_zero_beta"] == []
 
 
 def test_gumbel_betas_are_noise_free_and_sum_to_one():
@@ -182,6 +277,17 @@ def test_tau_schedule():
     assert schedule.tau(0) == 5.0
     assert schedule.tau(100) == pytest.approx(5.0 * 0.999 ** 100)
     assert schedule.tau(2302) == pytest.approx(max(0.5, 5.0 * 0.999 ** 2302)) and schedule.tau(5000) == 0.5
+
+
+def test_tau_reaches_tau_final_at_the_end_of_each_task():
+    schedule = GumbelTemperature(5.0, 0.5, None)
+    schedule.total_steps = 85  # anneal_rate null: rate = (0.5 / 5) ** (1 / 85)
+    rate = 0.1 ** (1 / 85)
+    assert schedule.rate() == pytest.approx(rate)
+    assert [schedule.tau(s) for s in (0, 40)] == pytest.approx([5.0, 5.0 * rate ** 40])
+    assert schedule.tau(85) == 0.5 and schedule.tau(84) > 0.5
+    schedule.total_steps = 10  # a shorter task anneals faster: the same end point
+    assert schedule.tau(5) == pytest.approx(5.0 * 0.1 ** 0.5) and schedule.tau(10) == 0.5
 
 
 # --------------------------------------------------------------------------------------------- head
@@ -249,3 +355,45 @@ def test_gate_logits_get_their_own_learning_rate_group():
     assert not logits & {id(p) for p in base_opt.param_groups[0]["params"]}
     plain = base_optimizer(None)  # without logit_lr: one group, as before
     assert len(plain.param_groups) == 1 and logits <= {id(p) for p in plain.param_groups[0]["params"]}
+
+
+# --------------------------------------------------------------------------------------------- global gate
+def global_gate_model(tasks: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4))
+    wrap_linears(model, ["0", "2"], adapter="gumbel", r=2, lora_alpha=4, gate="global")
+    for _ in range(tasks - 1):
+        add_gumbel_task(model)
+    return model
+
+
+def test_a_global_gate_is_one_parameter_and_one_sample_per_forward(tmp_path):
+    from adapters import adapter_state_dict
+
+    model = global_gate_model(3)
+    layers = list(adapter_layers(model, GumbelLinear).values())
+    logit_names = [n for n, p in model.named_parameters() if n.endswith("gate_logits")]
+    assert logit_names == ["gumbel_gate.gate_logits"] and model.gumbel_gate.gate_logits.shape == (3,)
+    assert [k for k in adapter_state_dict(model) if "gate_logits" in k] == ["gumbel_gate.gate_logits"]
+    model.gumbel_gate.gate_logits.data = torch.tensor([0.3, -0.2, 0.1])
+    model.train()
+    model(torch.randn(2, 6))
+    first = layers[0].last_beta
+    assert layers[1].last_beta is first  # both layers used the same Gumbel sample
+    model(torch.randn(2, 6))
+    assert not torch.equal(layers[0].last_beta, first) and layers[1].last_beta is layers[0].last_beta
+    # the gradient of the shared logits collects both layers'
+    (model(torch.randn(2, 6)).sum() + sum(layer.magnitudes.sum() for layer in layers)).backward()
+    assert model.gumbel_gate.gate_logits.grad is not None
+    # the decision sees one beta vector: every layer's row is the same, and pruning is the same everywhere
+    for layer in layers:
+        layer.tau = 1.0
+    model.gumbel_gate.gate_logits.data = torch.tensor([2.0, 1.5, -3.0])
+    decided = conditional_growth(model, 2, growth_cfg(tau_final=1.0, growth_score="beta"), tmp_path)
+    betas = gumbel_betas(model)
+    assert torch.equal(betas[0], betas[1]) and decided["pruning_mask"] == [True, True, False]
+    assert all(layer.active.tolist() == [True, True, False] for layer in layers)
+    # the structure of a later task is rebuilt by add_gumbel_task (the shared logits grow with it)
+    assert add_gumbel_task(model) == 4 and model.gumbel_gate.gate_logits.shape == (4,)
+    with pytest.raises(ValueError, match="gate must be one of layer, global"):
+        wrap_linears(nn.Sequential(nn.Linear(2, 2)), ["0"], adapter="gumbel", gate="model")

@@ -42,16 +42,18 @@ def test_three_task_run_writes_the_field_metrics(gumbel_run):
     assert [len(row) for row in matrix] == [1, 2, 3] and metrics["status"] == "completed"
     assert metrics["acc_final"] == pytest.approx(sum(matrix[-1]) / 3)  # every task has 15 x 4 eval examples
     assert metrics["aaa"] == pytest.approx(sum(sum(r) / len(r) for r in matrix) / 3)
-    assert metrics["forgetting"] == pytest.approx((max(matrix[0][0], matrix[1][0]) - matrix[2][0]
-                                                   + matrix[1][1] - matrix[2][1]) / 2)
+    assert metrics["forgetting"] == pytest.approx((max(matrix[0][0], matrix[1][0], matrix[2][0]) - matrix[2][0]
+                                                   + max(matrix[1][1], matrix[2][1]) - matrix[2][1]) / 2)
+    assert metrics["bwt"] == pytest.approx((matrix[2][0] - matrix[0][0] + matrix[2][1] - matrix[1][1]) / 2)
     assert metrics["eval_accuracy"] == metrics["acc_final"] and metrics["total_adapters"] == 3
     masks = [torch.load(run_dir / f"beta_values_task_{t}.pt", weights_only=True) for t in range(3)]
     assert [len(m["beta_values"]) for m in masks] == [1, 2, 3]
     for t, m in enumerate(masks):
         assert float(m["beta_values"].sum()) == pytest.approx(1.0, abs=1e-5)  # the gate before the decision
-        assert bool(m["pruning_mask"][t]) == (t == 0 or float(m["beta_values"][t]) > 0.34)
+        assert m["growth_score"] == "contribution" and len(m["scores"]) == t + 1
+        assert bool(m["pruning_mask"][t]) == (t == 0 or float(m["scores"][t]) > 0.34)
     assert metrics["active_adapters"] == int(masks[-1]["pruning_mask"].sum())
-    for name in ("accuracy_over_tasks.png", "beta_evolution.png", "beta_heatmap.png"):
+    for name in ("accuracy_over_tasks.png", "accuracy_matrix.png", "beta_evolution.png", "beta_heatmap.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
     assert "[Conditional Growth] Task 2 - Beta values: [" in log
     assert "Active adapters: " in log and "Task 1, Epoch 2/2 => Loss " in log and "(clf=" in log
@@ -117,9 +119,9 @@ def test_joint_training_is_one_task_tested_per_task_and_the_sweep_table(tmp_path
         rows = list(csv.DictReader(fh))
     assert [r["cl_method"] for r in rows] == ["joint", "seq_lora"]
     for row, metrics in zip(rows, (joint, seq), strict=True):
-        for key in ("acc_final", "aaa", "forgetting", "active_adapters", "adapter_params"):
+        for key in ("acc_final", "aaa", "forgetting", "bwt", "active_adapters", "adapter_params"):
             assert float(row[key]) == pytest.approx(metrics[key])
-    assert "aaa" in proc.stdout and "forgetting" in proc.stdout
+    assert "aaa" in proc.stdout and "forgetting" in proc.stdout and "bwt" in proc.stdout
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -133,3 +135,24 @@ def test_bad_values_fail_with_one_line(tmp_path, override, message):
     assert proc.returncode == 1
     lines = stderr_lines(proc)
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_global_gate_run_resumes_exactly_inside_a_task(tmp_path):
+    """adapter.gate=global (one shared gate, anneal_rate null: tau reaches tau_final at each task's end)."""
+    args = TINY_CL + ["adapter=gumbel", "adapter.gate=global", "adapter.lambda_sparsity=0.5",
+                      "adapter.growth_threshold=0.34"]
+    full, killed_dir = tmp_path / "full", tmp_path / "killed"
+    proc = run_main(args + [f"hydra.run.dir={full}"])
+    assert proc.returncode == 0, proc.stderr
+    log = (full / "main.log").read_text()
+    assert "Task 2, Epoch 2/2 =>" in log and ", tau=0.500" in log  # the last epoch ends at tau_final
+    masks = [torch.load(full / f"beta_values_task_{t}.pt", weights_only=True) for t in range(3)]
+    assert all(torch.equal(m["layer_beta_values"][0], m["layer_beta_values"][-1]) for m in masks)  # one gate
+    killed = run_main(args + [KILL, "+trainer.callbacks.kill.task=1", "+trainer.callbacks.kill.step=2",
+                              f"hydra.run.dir={killed_dir}"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_main(args + ["resume=auto", f"hydra.run.dir={killed_dir}"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(read_json(killed_dir / "metrics.json")) == comparable(read_json(full / "metrics.json"))
+    assert (killed_dir / "adapter" / "adapter_state.safetensors").read_bytes() == \
+        (full / "adapter" / "adapter_state.safetensors").read_bytes()
