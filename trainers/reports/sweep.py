@@ -17,6 +17,9 @@ SUMMARY_CSV = "summary.csv"
 SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "trainable_params",
                    "train_samples_per_second", "wall_time_s",
                    "acc_final", "aaa", "forgetting", "active_adapters", "total_adapters", "adapter_params")  # continual
+# task metrics (GLUE and own data): a column only when some job reports it
+TASK_METRICS = ("eval_score", "eval_matthews_correlation", "eval_f1", "eval_pearson", "eval_spearmanr",
+                "eval_mismatched_accuracy", "best_step")
 
 
 def _job_sort_key(path: Path) -> tuple[int, Any]:
@@ -53,6 +56,7 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
                                "_swept": list(pairs)}
         row.update(pairs)
         row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
+        row.update({k: metrics[k] for k in TASK_METRICS if k in metrics})
         row["status"] = metrics.get("status", "failed")
         row["error"] = metrics.get("error", "")
         rows.append(row)
@@ -64,7 +68,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns and not k.startswith("_"))
-    tail = [c for c in (*SUMMARY_METRICS, "status", "error") if c in columns]
+    tail = [c for c in (*SUMMARY_METRICS, *TASK_METRICS, "status", "error") if c in columns]
     columns = [c for c in columns if c not in tail] + tail
     path = Path(sweep_dir) / SUMMARY_CSV
     text = io.StringIO(newline="")
@@ -90,7 +94,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         keys.extend(k for k in row.get("_swept", []) if k not in keys)
     varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
-    metrics = ["eval_accuracy", "eval_loss", "gate_zero_ratio", "aaa", "forgetting", "active_adapters",
+    metrics = ["eval_score", "eval_accuracy", "eval_loss", "gate_zero_ratio", "aaa", "forgetting", "active_adapters",
                "adapter_params", "wall_time_s"]
     columns = ["job", *(varying or ["overrides"]), *[m for m in metrics if any(r.get(m) is not None for r in rows)],
                "status"]
