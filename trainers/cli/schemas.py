@@ -104,8 +104,34 @@ class RootSchema:
     trainer: Any = MISSING
 
 
+@dataclass
+class OwnDataSchema(DatasetSchema):
+    """Columns and task of ``dataset=files`` / ``dataset=hub`` (trainers/data/files.py)."""
+
+    text_column: str = MISSING
+    text_pair_column: str | None = MISSING
+    label_column: str = MISSING
+    problem_type: str = MISSING
+    metric: str | None = MISSING
+
+
+@dataclass
+class FilesDatasetSchema(OwnDataSchema):
+    train_file: str | None = MISSING
+    eval_file: str | None = MISSING
+
+
+@dataclass
+class HubDatasetSchema(OwnDataSchema):
+    path: str | None = MISSING
+    config_name: str | None = MISSING
+    train_split: str = MISSING
+    eval_split: str = MISSING
+
+
 # datasets whose keys differ from DatasetSchema (by dataset.name)
-DATASET_SCHEMAS: dict[str, type] = {"english_quotes": CausalLMDatasetSchema,
+DATASET_SCHEMAS: dict[str, type] = {"files": FilesDatasetSchema, "hub": HubDatasetSchema,
+                                    "english_quotes": CausalLMDatasetSchema,
                                     **{name: ContinualDatasetSchema
                                        for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}}
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
@@ -172,6 +198,8 @@ def validate_config(cfg: DictConfig) -> None:
              f"dataset.task must be classification or causal_lm (got {dataset.task!r})")
     if dataset.task == "causal_lm":
         _check_causal_lm(dataset)
+    if dataset_name in ("files", "hub"):
+        _check_own_data(dataset)
 
     _require(trainer.epochs > 0 or (trainer.max_steps or 0) > 0,
              "trainer.epochs or trainer.max_steps must be > 0")
@@ -202,6 +230,20 @@ def _check_best(trainer: DictConfig, continual: bool) -> None:
              "trainer.early_stopping_patience needs periodic evaluation: set trainer.eval_every_steps or "
              "trainer.eval_every_epochs")
     _require(bool(trainer.metric_for_best), "trainer.metric_for_best must name an evaluation metric (e.g. eval_score)")
+
+
+def _check_own_data(dataset: DictConfig) -> None:
+    from trainers.objectives.metrics import FAMILIES
+
+    _require(dataset.problem_type in ("classification", "regression"),
+             f"dataset.problem_type must be classification or regression (got {dataset.problem_type!r})")
+    _require(dataset.metric is None or dataset.metric in FAMILIES,
+             f"dataset.metric must be null or one of {', '.join(FAMILIES)} (got {dataset.metric!r})")
+    _require(dataset.task == "classification", "dataset=files / dataset=hub train a classifier or regressor "
+                                               "(dataset.task must be classification)")
+    required = ("train_file", "eval_file") if dataset.name == "files" else ("path",)
+    for key in required:
+        _require(bool(dataset[key]), f"dataset={dataset.name} needs dataset.{key}")
 
 
 def _check_causal_lm(dataset: DictConfig) -> None:

@@ -31,9 +31,13 @@ class ClassificationObjective(Objective):
         self.extra_evals: dict[str, list[dict[str, Any]]] = {}
 
     def build_data(self, dataset_cfg: Any, data_root: str | None) -> Any:
-        from trainers.data.readers import build_classification_data
+        from trainers.data.files import OWN_DATA
+        from trainers.data.readers import build_classification_data, tokenize_splits
 
-        data = build_classification_data(dataset_cfg, data_root, self.tokenizer)
+        if dataset_cfg.name in OWN_DATA:  # dataset=files / dataset=hub: columns and files from the config
+            data = tokenize_splits(OWN_DATA[dataset_cfg.name](dataset_cfg), dataset_cfg, self.tokenizer)
+        else:
+            data = build_classification_data(dataset_cfg, data_root, self.tokenizer)
         self.use_data(data)
         return data
 
