@@ -29,7 +29,7 @@ def make(overrides: list[str] | None = None, hydra: bool = False):
 
 def test_every_group_has_the_required_options():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert names["adapter"] == {"lora", "dora", "sora", "gumbel", "loraplus"}
+    assert names["adapter"] == {"lora", "dora", "sora", "sora_official", "gumbel", "loraplus"}
     assert {"minilm", "roberta-base", "deberta-v3-base", "tiny-random-bert"} <= names["model"]
     assert {"sst2", "banking77", "clinc150", "cola", "mrpc", "rte", "stsb", "qnli", "mnli", "qqp"} <= names["dataset"]
     assert "constant" in names["schedule"] and "default" in names["trainer"]
@@ -46,10 +46,15 @@ def test_defaults():
     validate_config(cfg)
 
 
+REQUIRED = {("dataset", "files"): ["dataset.train_file=a.csv", "dataset.eval_file=b.csv"],
+            ("dataset", "hub"): ["dataset.path=imdb"]}
+PRESETS = {("adapter", "sora_official"): "sora"}  # an option holding another method's settings
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_option_composes_and_validates(group, option):
-    cfg = make([f"{group}={option}"])
-    assert cfg[group].get("name", option) == option or group == "trainer"
+    cfg = make([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    assert cfg[group].get("name", option) == PRESETS.get((group, option), option) or group == "trainer"
     validate_config(cfg)
 
 

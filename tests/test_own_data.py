@@ -124,8 +124,9 @@ def test_hub_reader_on_a_local_dataset_folder(tmp_path):
     write_csv(folder / "train.csv", PAIRS)
     write_csv(folder / "validation.csv", PAIRS[:2])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=hub", *TINY, f"dataset.path={folder}", "dataset.text_column=premise",
-                                           "dataset.text_pair_column=hypothesis", "dataset.label_column=answer"])
+        cfg = compose("config", overrides=["dataset=hub", *TINY, f"dataset.path={folder}",
+                                           "dataset.text_column=premise", "dataset.text_pair_column=hypothesis",
+                                           "dataset.label_column=answer"])
     validate_config(cfg)
     raw = read_hub(cfg.dataset)
     assert raw.label_names == ["no", "yes"] and len(raw.train) == 8 and raw.eval[1] == (("A cat sleeps.",
