@@ -182,3 +182,45 @@ def test_classification_tasks_report_their_glue_metric(task, metric, tmp_path):
     expected = f1(preds, kept.labels) if task == "mrpc" else matthews_correlation(preds, kept.labels)
     assert metrics[metric] == pytest.approx(expected, abs=1e-9) and metrics["eval_score"] == metrics[metric]
     assert metrics["eval_accuracy"] == pytest.approx(np.mean(np.array(preds) == np.array(kept.labels)), abs=1e-9)
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
+
+
+def test_mnli_local_files_report_the_mismatched_set_too(tmp_path):
+    """MNLI read from <data_root>/glue/mnli/ (GLUE's train / dev_matched / dev_mismatched layout): the matched
+    set is the evaluation set, the mismatched one is reported as eval_mismatched_*."""
+    header = ["index", "genre", "sentence1", "sentence2", "gold_label"]
+    labels = ["entailment", "neutral", "contradiction"]
+    rows = [[str(i), "fiction", f"Premise number {i}.", f"Hypothesis {i % 5}.", labels[i % 3]] for i in range(24)]
+    folder = tmp_path / "glue" / "mnli"
+    write_tsv(folder / "train.tsv", header, rows)
+    write_tsv(folder / "dev_matched.tsv", header, rows[:9])
+    write_tsv(folder / "dev_mismatched.tsv", header, rows[9:15])
+    raw = load_raw("mnli", str(tmp_path))
+    assert raw.label_names == labels and len(raw.train) == 24 and list(raw.extra_evals) == ["mismatched"]
+    assert raw.extra_evals["mismatched"][0] == (("Premise number 9.", "Hypothesis 4."), 0)
+    write_tsv(folder / "dev_mismatched.tsv", header, rows[:9])  # the same rows: the same metrics either way
+    cfg = compose_cfg(TINY[:-1] + ["dataset=mnli", f"data_root={tmp_path}"])
+    metrics = train_run(cfg, tmp_path / "run")
+    assert {"eval_accuracy", "eval_score", "eval_mismatched_accuracy", "eval_mismatched_loss"} <= set(metrics)
+    assert metrics["eval_score"] == metrics["eval_accuracy"]
+    assert metrics["eval_mismatched_accuracy"] == metrics["eval_accuracy"]
+    assert metrics["eval_mismatched_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+
+def test_qqp_and_qnli_local_files(tmp_path):
+    write_tsv(tmp_path / "glue" / "qqp" / "train.tsv", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+              [["0", "1", "2", "How?", "Why?", "0"], ["1", "3", "4", "What is it?", "What's it?", "1"]])
+    write_tsv(tmp_path / "glue" / "qqp" / "dev.tsv", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+              [["2", "5", "6", "Who?", "Whom?", "1"]])
+    qqp = load_raw("qqp", str(tmp_path))
+    assert qqp.train[1] == (("What is it?", "What's it?"), 1) and qqp.metric == "f1_accuracy"
+    write_tsv(tmp_path / "glue" / "qnli" / "train.tsv", ["index", "question", "sentence", "label"],
+              [["0", "Where?", "Here.", "entailment"], ["1", "When?", "Blue.", "not_entailment"]])
+    write_tsv(tmp_path / "glue" / "qnli" / "dev.tsv", ["index", "question", "sentence", "label"],
+              [["0", "Who?", "Him.", "entailment"]])
+    qnli = load_raw("qnli", str(tmp_path))
+    assert qnli.train == [(("Where?", "Here."), 0), (("When?", "Blue."), 1)] and qnli.eval == [(("Who?", "Him."), 0)]
