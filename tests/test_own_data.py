@@ -137,3 +137,22 @@ def test_hub_reader_on_a_local_dataset_folder(tmp_path):
     OmegaConf.update(cfg, "dataset.path", str(tmp_path / "no-such-dataset"))
     with pytest.raises(UserError, match="cannot load dataset.path="):
         read_hub(cfg.dataset)
+
+
+def test_hub_class_labels_keep_their_names_and_order(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["zebra", "apple", "mango"])})
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    Dataset.from_dict({"sentence": ["a", "b", "c", "d"], "label": [0, 1, 2, 1]}, features=features).to_parquet(
+        str(folder / "train.parquet"))
+    Dataset.from_dict({"sentence": ["e"], "label": [2]}, features=features).to_parquet(
+        str(folder / "validation.parquet"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=hub", *TINY, f"dataset.path={folder}",
+                                           "dataset.text_column=sentence"])
+    raw = read_hub(cfg.dataset)
+    # the dataset's own order, not sorted names: zebra stays class 0
+    assert raw.label_names == ["zebra", "apple", "mango"]
+    assert [y for _, y in raw.train] == [0, 1, 2, 1] and raw.eval == [("e", 2)]
