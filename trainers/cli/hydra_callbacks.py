@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from trainers.core.errors import RunRefused, UserError
 from trainers.loop.metrics_log import has_results
-from trainers.reports.sweep import collect_sweep, format_table, write_summary
+from trainers.reports.sweep import collect_sweep, format_table, task_table, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class SweepSummary(Callback):
         path = write_summary(sweep_dir, rows)
         failed = sum(r["status"] != "completed" for r in rows)
         print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)
+        table = task_table(rows)
+        if table is not None:  # GLUE-style sweeps: eval_score x 100 per method and task
+            print(f"\neval_score x 100 by method and task (mean ±std over seeds):\n{table}", flush=True)
         from trainers.methods.sora_report import plot_sweep
 
         plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep

@@ -31,7 +31,8 @@ def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) 
 
 
 def run_job(cfg: DictConfig) -> float:
-    """The Hydra task: train into Hydra's output folder; return eval_accuracy for sweepers.
+    """The Hydra task: train into Hydra's output folder; return eval_score (the task's main metric; runs without
+    one: eval_accuracy) for sweepers.
 
     In a multirun a failing job writes status failed and returns NaN so the sweep goes on; a single
     run re-raises (the CLI prints one line and exits non-zero).
@@ -49,7 +50,8 @@ def run_job(cfg: DictConfig) -> float:
         validate_config(cfg)  # before the heavy imports of a run, so config errors come back fast
         from trainers.experiments.single import train_run
 
-        result = float(train_run(cfg, run_dir, status)["eval_accuracy"])
+        final = train_run(cfg, run_dir, status)
+        result = float(final.get("eval_score", final.get("eval_accuracy", float("nan"))))
     except Exception as exc:
         record_failure(run_dir, exc, status)
         from trainers.cli.app import format_error, report_failure

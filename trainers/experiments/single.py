@@ -16,6 +16,14 @@ from trainers.loop.metrics_log import has_results
 log = logging.getLogger(__name__)
 
 
+def adapter_parameter_count(model: Any, modules_to_save: list[str]) -> int:
+    """Trainable parameters outside the fully trained ``modules_to_save`` (the task head): the adapter's size."""
+    def saved(name: str) -> bool:
+        return any(f".{m}." in f".{name}" or name.startswith(f"{m}.") for m in modules_to_save)
+
+    return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not saved(name))
+
+
 def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its final metrics (also written to metrics.json).
 
@@ -55,6 +63,7 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     result = trainer.final_metrics(metrics)
     for callback in trainer.callbacks:
         callback.on_run_end(trainer, result)
+    result.setdefault("adapter_params", adapter_parameter_count(model, list(cfg.model.modules_to_save or [])))
     session.finish(model, run_dir, result)
     if session.is_main:
         log.info("done: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

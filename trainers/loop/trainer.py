@@ -8,6 +8,12 @@ Exact resume: the data order is a function of (seed, epoch), the position inside
 DataLoaders draw from their own generators (never the global RNG), and the global RNG states are
 saved per process in every checkpoint. A run killed at any step and resumed from its newest
 checkpoint therefore replays exactly the steps the uninterrupted run took.
+
+Best evaluation: every evaluation is compared by ``trainer.metric_for_best`` (greater is better, except for
+names containing ``loss``); the best one's step, value and metrics are part of the state. With
+``trainer.load_best_at_end`` its weights are kept in ``checkpoints/best`` and loaded after training, so the
+final metrics and the exported adapter are the best evaluation's; ``trainer.early_stopping_patience`` stops
+training after that many evaluations without improvement.
 """
 
 from __future__ import annotations
@@ -90,6 +96,11 @@ class Trainer:
         self._pending: dict[str, Any] = {}
         self._last_saved_step = -1
         self._segment_start = started_at if started_at is not None else time.perf_counter()
+        self.eval_every_epochs = int(self.tcfg.get("eval_every_epochs", 0) or 0)
+        self.metric_for_best = str(self.tcfg.get("metric_for_best", "eval_score"))
+        self.load_best_at_end = bool(self.tcfg.get("load_best_at_end", False))
+        self.patience = int(self.tcfg.get("early_stopping_patience", 0) or 0)
+        self.track_best = self.load_best_at_end or self.patience > 0
 
     # ----------------------------------------------------------------------------------------- helpers
     def stage_steps(self, stage: Stage) -> int:
@@ -139,11 +150,13 @@ class Trainer:
         rng = self._pending.pop("rng", None)
         if rng is not None:  # last, after every model/optimizer construction that could draw numbers
             ckpt.set_rng_state(rng)
-        while self.state.stage_index < len(self.stages):
+        while self.state.stage_index < len(self.stages) and not self.state.stopped_early:
             index = self.state.stage_index
             stage = self.stages[index]
             self._start_stage(stage, resumed=self._resumed_stage == index)
             self._run_stage(stage)
+            if self.state.stopped_early:
+                break
             metrics = self.evaluate_if_needed()
             self._call("on_stage_end", stage, metrics)
             self.state.stage_index += 1
@@ -151,6 +164,8 @@ class Trainer:
         metrics = self.evaluate_if_needed()
         if self._last_saved_step != self.state.global_step:
             self.save_checkpoint()
+        if self.load_best_at_end:
+            metrics = self._restore_best(metrics)
         self._call("on_train_end", metrics)
         return metrics
 
@@ -161,7 +176,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.state.stage_step, desc=desc, dynamic_ncols=True, leave=True,
                    disable=None if self.is_main else True)  # None: a bar on terminals only
         self.ddp_model.train()
-        while self.state.stage_step < total:
+        while self.state.stage_step < total and not self.state.stopped_early:
             self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch * self.tcfg.batch_size)
             loader = make_loader(self.data.train, self.sampler, self.tcfg.batch_size, self.collate,
                                  self.tcfg.num_workers, self.seed + self.state.epoch, pin_memory=self.pin_memory)
@@ -178,7 +193,7 @@ class Trainer:
                     self._optimizer_step()
                     bar.update(1)
                     self._after_step(stage, total, bar)
-                    if self.state.stage_step >= total:
+                    if self.state.stage_step >= total or self.state.stopped_early:
                         break
             if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: next permutation
                 self.state.epoch += 1
@@ -254,7 +269,9 @@ class Trainer:
             if bar.disable and self.is_main:  # no progress bar (not a terminal): a log line instead
                 log.info("step %d/%d: loss %.4f, accuracy %.4f", step, self.total_steps, record["loss"],
                          record["accuracy"])
-        if self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0:
+        epoch_done = self.state.batch_in_epoch >= self.batches_per_epoch  # this step ended an epoch
+        if ((self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0)
+                or (self.eval_every_epochs and epoch_done and (self.state.epoch + 1) % self.eval_every_epochs == 0)):
             self.evaluate_if_needed()
         is_last = self.state.stage_index == len(self.stages) - 1 and self.state.stage_step == total
         if self.tcfg.save_every_steps and step % self.tcfg.save_every_steps == 0 and not is_last:
@@ -296,8 +313,53 @@ class Trainer:
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log.info("eval at step %d: %s", self.state.global_step, shown)
+        self._update_best(metrics)
         self._call("on_evaluate", metrics)
         return metrics
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        """Compare this evaluation with the best one by ``trainer.metric_for_best``; keep its weights
+        (load_best_at_end) or count it towards early stopping."""
+        name = self.metric_for_best
+        if name not in metrics:
+            if self.track_best:
+                raise UserError(f"trainer.metric_for_best={name} is not among the evaluation metrics "
+                                f"({', '.join(sorted(metrics))})")
+            return
+        value = float(metrics[name])
+        best = self.state.best_metric
+        lower_is_better = "loss" in name
+        improved = not math.isnan(value) and (best is None or (value < best if lower_is_better else value > best))
+        state = self.state
+        if improved:
+            state.best_metric, state.best_step, state.best_eval = value, state.global_step, dict(metrics)
+            state.evals_without_improvement = 0
+            if self.load_best_at_end:
+                self.save_checkpoint(ckpt.BEST_NAME)
+            return
+        state.evals_without_improvement += 1
+        if self.patience and state.evals_without_improvement >= self.patience:
+            state.stopped_early = True
+            if self.is_main:
+                log.info("early stopping at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
+                         state.global_step, name, best if best is not None else float("nan"), state.best_step,
+                         state.evals_without_improvement)
+
+    def _restore_best(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Load the weights of the best evaluation (``checkpoints/best``) unless the model already is that one;
+        return that evaluation's metrics."""
+        from adapters import load_adapter_state_dict
+
+        state = self.state
+        if state.best_step < 0:
+            return metrics
+        if state.best_step != state.global_step:
+            path = ckpt.checkpoint_root(self.run_dir) / ckpt.BEST_NAME
+            load_adapter_state_dict(self.model, ckpt.load_weights(path))
+            if self.is_main:
+                log.info("loaded the best checkpoint: step %d, %s %.4f", state.best_step, self.metric_for_best,
+                         state.best_metric)
+        return dict(state.best_eval)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -412,4 +474,7 @@ class Trainer:
             "train_samples": self.state.samples_seen,
             "status": "completed",
         })
+        if self.track_best:
+            result.update({"best_step": self.state.best_step, "best_metric": self.state.best_metric,
+                           "stopped_early": self.state.stopped_early})
         return result

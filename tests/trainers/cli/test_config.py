@@ -21,12 +21,14 @@ make = compose_config
 
 def test_every_group_has_the_required_options():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert {"lora", "dora", "sora", "gumbel", "loraplus", "sdlora"} <= names["adapter"]
+    assert {"lora", "dora", "sora", "sora_official", "gumbel", "loraplus", "sdlora"} <= names["adapter"]
     from trainers.methods import methods
 
-    assert names["adapter"] == set(methods())  # every adapter YAML has its plug-in, and the other way round
+    # every adapter YAML names a plug-in (presets such as sora_official reuse one), every plug-in has its YAML
+    named = {OmegaConf.load(CONF / "adapter" / f"{option}.yaml").name for option in names["adapter"]}
+    assert named == set(methods()) and set(methods()) <= names["adapter"]
     assert {"minilm", "roberta-base", "deberta-v3-base", "tiny-random-bert"} <= names["model"]
-    assert {"sst2", "banking77", "clinc150"} <= names["dataset"]
+    assert {"sst2", "banking77", "clinc150", "cola", "mrpc", "rte", "stsb", "qnli", "mnli", "qqp"} <= names["dataset"]
     assert "constant" in names["schedule"] and "default" in names["trainer"]
 
 
@@ -41,10 +43,15 @@ def test_defaults():
     validate_config(cfg)
 
 
+REQUIRED = {("dataset", "files"): ["dataset.train_file=a.csv", "dataset.eval_file=b.csv"],
+            ("dataset", "hub"): ["dataset.path=imdb"]}
+PRESETS = {("adapter", "sora_official"): "sora"}  # an option holding another method's settings
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_option_composes_and_validates(group, option):
-    cfg = make([f"{group}={option}"])
-    assert cfg[group].get("name", option) == option or group == "trainer"
+    cfg = make([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    assert cfg[group].get("name", option) == PRESETS.get((group, option), option) or group == "trainer"
     validate_config(cfg)
 
 
@@ -90,7 +97,8 @@ def test_unknown_option_and_key_fail_at_composition():
     (["adapter.r=-2"], "adapter.r must be > 0 (got -2)"),
     (["sparse_lambda=-0.1"], "sparse_lambda must be >= 0 (got -0.1)"),
     (["adapter.lora_dropout=1.0"], "adapter.lora_dropout must be in [0, 1)"),
-    (["adapter=sora", "adapter.threshold_mode=lr"], "adapter.threshold_mode must be lr_scaled or absolute"),
+    (["adapter=sora", "adapter.threshold_mode=lr"],
+     "adapter.threshold_mode must be one of lr_scaled, soft_absolute, official"),
     (["trainer.precision=fp8"], "trainer.precision must be one of fp32, fp16, bf16"),
     (["trainer.batch_size=0"], "trainer.batch_size must be > 0"),
     (["adapter.r=abc"], "bad value for 'adapter.r'"),

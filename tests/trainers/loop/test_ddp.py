@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from _trainer_helpers import MAIN, TINY, cli_env, read_json
+from scipy.stats import spearmanr
 
 
 def launch(args: list[str], cwd, *launch_args: str, **env: str) -> subprocess.CompletedProcess:
@@ -47,3 +50,22 @@ def test_accelerate_launch_cpu_runs(tmp_path):
     proc = launch(TINY + [f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, "--cpu", "--num_processes", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_json(tmp_path / "run" / "metrics.json")["status"] == "completed"
+
+
+def test_glue_metrics_gather_every_process(tmp_path):
+    """STS-B on 2 processes, 23 dev pairs (12 + 11 per process): eval_pearson / eval_spearmanr / eval_loss are
+    those of all 23 predictions (recomputed one example at a time after training)."""
+    run = tmp_path / "run"
+    proc = launch(TINY + ["dataset=stsb", "dataset.max_eval_samples=23", "trainer.eval_batch_size=4",
+                          "+trainer.callbacks.keep={_target_:tests._glue_helpers.KeepEvalOutputs,save:true}",
+                          f"hydra.run.dir={run}"], tmp_path, "--multi_gpu", "--num_processes", "2",
+                  ACCELERATE_USE_CPU="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_json(run / "metrics.json")
+    outputs = read_json(run / "eval_outputs.json")
+    preds = np.array([row[0] for row in outputs["logits"]])
+    labels = np.array(outputs["labels"])
+    assert len(labels) == 23
+    assert metrics["eval_pearson"] == pytest.approx(float(np.corrcoef(preds, labels)[0, 1]), abs=1e-5)
+    assert metrics["eval_spearmanr"] == pytest.approx(float(spearmanr(preds, labels)[0]), abs=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(float(np.mean((preds - labels) ** 2)), rel=1e-5)

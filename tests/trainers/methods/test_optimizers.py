@@ -23,7 +23,7 @@ def soft_threshold(x: torch.Tensor, t: float) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - t, min=0)
 
 
-@pytest.mark.parametrize("mode", ["lr_scaled", "absolute"])
+@pytest.mark.parametrize("mode", ["lr_scaled", "soft_absolute"])
 def test_proximal_step_is_adamw_then_soft_threshold(mode):
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(50) * 0.01)

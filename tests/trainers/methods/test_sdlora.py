@@ -215,7 +215,7 @@ def test_cl_method_presets_sdlora_and_the_gated_variant():
 
     from trainers.cli.schemas import validate_config
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = str(Path(__file__).resolve().parents[3] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         faithful = compose("config", overrides=["dataset=clinc150_cl", "+cl_method=sdlora"])
         gated = compose("config", overrides=["dataset=clinc150_cl", "+cl_method=sdlora_gated"])

@@ -1,4 +1,4 @@
-"""The options that reproduce the official SoRA code (gate_init=randn, threshold_mode=absolute, l1_lambda) and the
+"""The options of the official SoRA code (gate_init=randn, an lr-independent threshold, l1_lambda) and the
 sweep-level accuracy-vs-sparsity plot."""
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def test_gate_init_randn_reaches_the_model():
 
 
 def test_official_code_options_in_a_run(tmp_path):
-    """threshold_mode=absolute: the soft-threshold is xi itself, whatever the lr; l1_lambda adds l1 * mean|g|."""
+    """threshold_mode=soft_absolute: the soft-threshold is xi itself, whatever the lr; l1_lambda adds l1 * mean|g|."""
     proc = run_main(TINY + ["adapter=sora", "schedule=xi_stages", "schedule.xi_max=0.02", "schedule.xi_step=0.01",
-                            "schedule.max_steps_per_stage=2", "adapter.threshold_mode=absolute",
+                            "schedule.max_steps_per_stage=2", "adapter.threshold_mode=soft_absolute",
                             "adapter.l1_lambda=0.5", "trainer.log_every_steps=1",
                             "+trainer.callbacks.thresholds._target_=tests._sora_helpers.ThresholdLog",
                             f"hydra.run.dir={tmp_path}"])

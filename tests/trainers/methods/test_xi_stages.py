@@ -58,10 +58,11 @@ def test_default_schedule_is_six_stages_of_three_epochs():
     stages = build_stages(cfg)
     assert [s.params["sparse_lambda"] for s in stages] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert [s.name for s in stages] == ["0-xi0", "1-xi0.1", "2-xi0.2", "3-xi0.3", "4-xi0.4", "5-xi0.5"]
-    assert all(s == Stage(s.name, 3, None, {"sparse_lambda": s.params["sparse_lambda"]}, False) for s in stages)
+    # the seed's Algorithm 1 rebuilds both optimizers at every stage
+    assert all(s == Stage(s.name, 3, None, {"sparse_lambda": s.params["sparse_lambda"]}, True) for s in stages)
     stages = build_stages(make(["adapter=sora", "schedule=xi_stages", "schedule.max_steps_per_stage=7",
-                                "schedule.reset_optimizers=true", "sparse_lambda=0.9"]))
-    assert {(s.max_steps, s.reset_optimizers) for s in stages} == {(7, True)}
+                                "schedule.reset_optimizers=false", "sparse_lambda=0.9"]))
+    assert {(s.max_steps, s.reset_optimizers) for s in stages} == {(7, False)}
     assert max(s.params["sparse_lambda"] for s in stages) == 0.5  # the top-level sparse_lambda plays no part
 
 
