@@ -29,7 +29,7 @@ def make(overrides: list[str] | None = None, hydra: bool = False):
 
 def test_every_group_has_the_required_options():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert names["adapter"] == {"lora", "dora", "sora", "gumbel"}
+    assert {"lora", "dora", "sora", "gumbel", "loraplus"} <= names["adapter"]
     assert {"minilm", "roberta-base", "deberta-v3-base", "tiny-random-bert"} <= names["model"]
     assert {"sst2", "banking77", "clinc150"} <= names["dataset"]
     assert "constant" in names["schedule"] and "default" in names["trainer"]

@@ -1,0 +1,32 @@
+"""Weight decomposition W = m * d (DoRA, Liu et al., 2024), per output row as DoRA and PEFT define it.
+
+For a weight of shape (out, in): m_i = ||W_i|| (the L2 norm of row i) and d_i = W_i / m_i (a unit row).
+Between a weight W_0 and a later W_t of the same layer (the paper's fig. 2 / sec. 3):
+
+    dM = mean_i |m_t,i - m_0,i|                 (magnitude change)
+    dD = mean_i (1 - cos(W_t,i, W_0,i))         (direction change)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def magnitude_direction(weight: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, d)`` with m (out,) the row norms and d = W / m[:, None] the unit-norm rows (``eps`` added to m
+    in the division only, for rows that may be zero)."""
+    magnitude = torch.linalg.vector_norm(weight, dim=1)
+    return magnitude, weight / (magnitude + eps).unsqueeze(1)
+
+
+def decomposition_change(initial: torch.Tensor, current: torch.Tensor) -> tuple[float, float]:
+    """``(dM, dD)`` of ``current`` against ``initial`` (same (out, in) shape), computed in float64."""
+    if initial.shape != current.shape or initial.dim() != 2:
+        raise ValueError(f"need two weights of one (out, in) shape, got {tuple(initial.shape)} and "
+                         f"{tuple(current.shape)}")
+    w0, wt = initial.detach().double(), current.detach().double()
+    m0, mt = torch.linalg.vector_norm(w0, dim=1), torch.linalg.vector_norm(wt, dim=1)
+    delta_m = (mt - m0).abs().mean()
+    cos = torch.nn.functional.cosine_similarity(wt, w0, dim=1, eps=1e-30)
+    delta_d = (1.0 - cos).mean()
+    return float(delta_m), float(delta_d)
