@@ -85,6 +85,7 @@ class TrainerSchema:
     save_merged: bool = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
     eval_at_start: bool = False
+    log_grad_norms: bool = False
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from trainers.methods.base import LoraSchema, Method
 
@@ -22,6 +22,9 @@ class DoraMethod(Method):
     name = "dora"
     schema = DoraSchema
     layer_keys = {"use_rslora": "use_rslora", "detach_norm": "detach_norm"}
+
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        return {**super().grad_components(cfg), "magnitude": r"(^|\.)magnitude$"}
 
 
 METHOD = DoraMethod()
