@@ -73,8 +73,9 @@ def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
 
 
 class SweepSummary(Callback):
-    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table; with
-    SoRA jobs also ``sweep_curve.png`` (accuracy against gate zero ratio and kept adapter parameters)."""
+    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job), a printed table and
+    ``curves.png`` (every job's training curves over each other); with SoRA jobs also ``sweep_curve.png``
+    (accuracy against gate zero ratio and kept adapter parameters)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _is_main_process():
@@ -88,6 +89,15 @@ class SweepSummary(Callback):
         failed = sum(r["status"] != "completed" for r in rows)
         print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)
         from trainers.methods.sora_report import plot_sweep
+        from trainers.reports.curves import plot_sweep_curves
+
+        try:
+            curves = plot_sweep_curves(sweep_dir, rows)
+        except Exception as exc:  # the summary is written; a picture must not fail the sweep
+            log.warning("sweep curves.png not drawn: %s", exc)
+        else:
+            if curves is not None:
+                print(f"Training curves of every job: {curves}", flush=True)
 
         plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep
         if plot is not None:
