@@ -10,6 +10,9 @@ Between a weight W_0 and a later W_t of the same layer (the paper's fig. 2 / sec
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .base import adapter_layers
 
 
 def magnitude_direction(weight: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,3 +33,14 @@ def decomposition_change(initial: torch.Tensor, current: torch.Tensor) -> tuple[
     cos = torch.nn.functional.cosine_similarity(wt, w0, dim=1, eps=1e-30)
     delta_d = (1.0 - cos).mean()
     return float(delta_m), float(delta_d)
+
+
+def weight_decomposition(model: nn.Module) -> list[dict[str, float | str]]:
+    """``{"layer", "dM", "dD"}`` for every adapter layer on an ``nn.Linear``, of its merged weight W_t against its
+    initial weight W_0 (the pretrained W: every adapter starts as a no-op), in model order."""
+    rows: list[dict[str, float | str]] = []
+    for name, layer in adapter_layers(model).items():
+        if isinstance(layer.base_layer, nn.Linear):
+            delta_m, delta_d = decomposition_change(layer.initial_weight(), layer.merged_weight())
+            rows.append({"layer": name, "dM": delta_m, "dD": delta_d})
+    return rows

@@ -4,8 +4,10 @@ labels; drawn at the end of every run and, over each other, at the end of a swee
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from _trainer_helpers import TINY, run_main
+from _trainer_helpers import REPO, TINY, cli_env, run_main
 from matplotlib.image import imread
 
 from trainers.reports.curves import fmt_value, job_label, plot_run_curves, read_series, run_panels
@@ -57,11 +59,22 @@ def test_labels_are_readable():
     assert job_label(row, []) == "1"
 
 
-def test_a_run_and_a_sweep_draw_curves(tmp_path):
+def test_a_run_and_a_sweep_draw_curves_and_the_weight_decomposition(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_main(["-m", *TINY, "adapter=lora,sora", "trainer.log_grad_norms=true", f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr
     for job in ("0", "1"):
         assert_png(sweep / job / "curves.png")
+        assert_png(sweep / job / "analysis" / "weight_decomposition.png")
     assert_png(sweep / "curves.png")
+    assert_png(sweep / "weight_decomposition.png")
     assert f"Training curves of every job: {sweep / 'curves.png'}" in proc.stdout
+    assert "Weight decomposition (corr of dM and dD: lora " in proc.stdout and ", sora " in proc.stdout
+
+    # the analysis command on the finished sweep: one line per job and the correlation per method
+    done = subprocess.run([sys.executable, "-m", "trainers.analysis", str(sweep)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(sweep / "0"), str(sweep / "1"), str(sweep)]
+    assert "corr(dM, dD) per method: lora " in lines[-1]

@@ -74,7 +74,8 @@ def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
 
 class SweepSummary(Callback):
     """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job), a printed table and
-    ``curves.png`` (every job's training curves over each other); with SoRA jobs also ``sweep_curve.png``
+    ``curves.png`` (every job's training curves over each other), ``weight_decomposition.png`` (the jobs'
+    dM-dD scatter, one panel per method); with SoRA jobs also ``sweep_curve.png``
     (accuracy against gate zero ratio and kept adapter parameters)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -98,6 +99,16 @@ class SweepSummary(Callback):
         else:
             if curves is not None:
                 print(f"Training curves of every job: {curves}", flush=True)
+        from trainers.reports.weight_decomposition import plot_sweep_decomposition
+
+        try:
+            scatter, corr = plot_sweep_decomposition(sweep_dir, [sweep_dir / r["job"] for r in rows])
+        except Exception as exc:
+            log.warning("sweep weight_decomposition.png not drawn: %s", exc)
+        else:
+            if scatter is not None:
+                shown = ", ".join(f"{m} {c:+.3f}" for m, c in corr.items())
+                print(f"Weight decomposition (corr of dM and dD: {shown}): {scatter}", flush=True)
 
         plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep
         if plot is not None:

@@ -89,6 +89,12 @@ class TrainerSchema:
 
 
 @dataclass
+class AnalysisSchema:
+    weight_decomposition: bool = MISSING
+    every_steps: int = MISSING
+
+
+@dataclass
 class RootSchema:
     seed: int = MISSING
     sparse_lambda: float = MISSING
@@ -99,6 +105,7 @@ class RootSchema:
     dataset: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING
+    analysis: Any = MISSING
 
 
 # datasets whose keys differ from DatasetSchema (by dataset.name)
@@ -152,6 +159,8 @@ def validate_config(cfg: DictConfig) -> None:
     schedule = get_schedule(schedule_name)
     schedule_cfg = _check_keys(cfg.schedule, schedule.schema, "schedule")
     trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
+    analysis = _check_keys(cfg.analysis, AnalysisSchema, "analysis")
+    _require(analysis.every_steps >= 0, f"analysis.every_steps must be >= 0 (got {analysis.every_steps})")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
 
     _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")
