@@ -30,9 +30,12 @@ def decomposition_change(initial: torch.Tensor, current: torch.Tensor) -> tuple[
     w0, wt = initial.detach().double(), current.detach().double()
     m0, mt = torch.linalg.vector_norm(w0, dim=1), torch.linalg.vector_norm(wt, dim=1)
     delta_m = (mt - m0).abs().mean()
-    cos = torch.nn.functional.cosine_similarity(wt, w0, dim=1, eps=1e-30)
-    delta_d = (1.0 - cos).mean()
-    return float(delta_m), float(delta_d)
+    # 1 - cos(a, b) = ||a/|a| - b/|b|||^2 / 2: no cancellation for small angles (exactly 0 for equal rows);
+    # a zero row has no direction: its cos counts as 0
+    nonzero = (m0 > 0) & (mt > 0)
+    unit0, unitt = w0 / m0.clamp_min(1e-300).unsqueeze(1), wt / mt.clamp_min(1e-300).unsqueeze(1)
+    one_minus_cos = torch.where(nonzero, (unitt - unit0).pow(2).sum(dim=1) / 2, torch.ones_like(m0))
+    return float(delta_m), float(one_minus_cos.mean())
 
 
 def weight_decomposition(model: nn.Module) -> list[dict[str, float | str]]:

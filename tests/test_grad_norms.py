@@ -67,6 +67,7 @@ def test_global_norm_before_clipping_at_every_logged_step(tmp_path, max_grad_nor
         if max_grad_norm:
             assert line["grad_norm"] > 10 * max_grad_norm  # the norm before clipping, not after
     assert not any(k.startswith("grad_norm_") for x in lines for k in x)  # components only when asked for
+    assert (tmp_path / "curves.png").stat().st_size > 1000  # every run draws its curves
 
 
 @pytest.mark.parametrize(("adapter", "components"), [

@@ -60,6 +60,8 @@ def test_dm_dd_of_a_2x3_weight_by_hand():
     assert dm == pytest.approx(expected_dm, abs=1e-7) and dd == pytest.approx(expected_dd, abs=1e-7)
     assert decomposition_change(w0, w0) == (0.0, 0.0)
     assert decomposition_change(w0, 3 * w0) == pytest.approx((2 * 3.0, 0.0))  # scaling moves only m: mean(2, 10)
+    zero_row = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 4.0]])  # no direction: cos counts as 0
+    assert decomposition_change(zero_row, w0) == pytest.approx((0.5, 0.5))
     with pytest.raises(ValueError, match="one \\(out, in\\) shape"):
         decomposition_change(w0, wt.T)
 
@@ -147,3 +149,24 @@ def test_pearson_and_config_check():
     assert math.isnan(pearson([1.0], [2.0])) and math.isnan(pearson([1.0, 1.0], [2.0, 3.0]))
     with pytest.raises(UserError, match="analysis.every_steps must be >= 0"):
         validate_config(make(["analysis.every_steps=-1"]))
+
+
+def test_a_resumed_run_keeps_the_rows_before_its_checkpoint_and_drops_later_ones(tmp_path):
+    from types import SimpleNamespace
+
+    from trainers.reports.weight_decomposition import WeightDecompositionAnalysis, read_rows, write_rows
+
+    write_rows(tmp_path, [{"method": "lora", "step": s, "layer": "q", "dM": 0.1 * s, "dD": 0.01 * s}
+                          for s in (2, 4, 6)])
+    model = tiny_bert()
+    wrap_linears(model, ["query"], adapter="lora", r=2)
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=4), run_dir=tmp_path, model=model, is_main=True)
+    callback = WeightDecompositionAnalysis("lora", every_steps=2)
+    callback.on_train_begin(trainer)  # resumed at step 4: the step-6 row came from after the checkpoint
+    assert [r["step"] for r in callback.rows] == [2, 4]
+    trainer.state.global_step = 6
+    callback.on_step_end(trainer)
+    rows = read_rows(tmp_path)
+    assert [(r["step"], r["layer"]) for r in rows] == [(2, "q"), (4, "q")] + [
+        (6, f"bert.encoder.layer.{i}.attention.self.query") for i in (0, 1)]
+    assert rows[-1]["dM"] == 0.0 and rows[-1]["dD"] == 0.0  # B = 0: the layer has not moved
