@@ -63,3 +63,16 @@ def test_trainer_time_split():
     assert split["checkpoint_s"] == pytest.approx(0.5)
     around = 0.01 + 0.05 / 20 + 0.5 / 100
     assert split["overhead"] == pytest.approx(around / (1.0 + around))
+
+
+def test_analysis_cost_report_on_a_tiny_model(tmp_path):
+    from benchmarks import analysis_cost
+
+    out = tmp_path / "cost.json"
+    args = analysis_cost.parse_args(["--steps", "1", "--batch-size", "2", "--seq-len", "8", "--json", str(out),
+                                     "--threads", str(torch.get_num_threads())])
+    report = analysis_cost.run(args, tiny_bert(num_labels=2))
+    assert json.loads(out.read_text())["methods"].keys() == {"lora", "dora", "full"}
+    for row in report["methods"].values():
+        assert all(row[k] > 0 for k in ("step_s", "grad_norm_s", "component_norms_s", "weight_decomposition_s"))
+        assert row["log_grad_norms_fraction"] == pytest.approx(row["component_norms_s"] / 20 / row["step_s"])
