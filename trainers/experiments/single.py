@@ -16,19 +16,6 @@ from trainers.loop.metrics_log import has_results
 log = logging.getLogger(__name__)
 
 
-def draw_curves(run_dir: Path) -> None:
-    """``curves.png`` from the run's metrics.jsonl; a plotting failure is logged, never fails the run."""
-    from trainers.reports.curves import plot_run_curves
-
-    try:
-        path = plot_run_curves(run_dir)
-    except Exception as exc:  # a picture must not cost the results already written
-        log.warning("curves.png not drawn: %s", exc)
-    else:
-        if path is not None:
-            log.info("training curves: %s", path)
-
-
 def analysis_callbacks(cfg: DictConfig) -> list[Any]:
     """The weight-decomposition analysis (``analysis.*``), when on."""
     analysis = cfg.get("analysis") or {}
@@ -80,7 +67,9 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
         callback.on_run_end(trainer, result)
     session.finish(model, run_dir, result)
     if session.is_main:
-        draw_curves(run_dir)
+        from trainers.reports.curves import draw_run_curves
+
+        draw_run_curves(run_dir)
         log.info("done: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in result.items()))
     return result

@@ -10,6 +10,7 @@ resumed run) keeps its last line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from trainers.core.plots import pyplot, save_figure
 from trainers.loop.metrics_log import METRICS_JSONL
 
+log = logging.getLogger(__name__)
 CURVES_PNG = "curves.png"
 Series = dict[str, list[tuple[int, float]]]  # key -> sorted (step, value)
 
@@ -112,6 +114,19 @@ def plot_run_curves(run_dir: Path, path: Path | None = None) -> Path | None:
     if not panels:
         return None
     return _draw(panels, f"{run_dir.parent.name}/{run_dir.name}", path or run_dir / CURVES_PNG)
+
+
+def draw_run_curves(run_dir: Path) -> Path | None:
+    """:func:`plot_run_curves`, logged; a plotting failure is a warning, never a failed run (the results are
+    already written when the curves are drawn)."""
+    try:
+        path = plot_run_curves(run_dir)
+    except Exception as exc:  # a picture must not cost the results
+        log.warning("curves.png not drawn in %s: %s", run_dir, exc)
+        return None
+    if path is not None:
+        log.info("training curves: %s", path)
+    return path
 
 
 def fmt_value(value: Any) -> str:
