@@ -108,8 +108,10 @@ def test_full_fine_tuning_trains_the_target_layers_in_place():
 
 def test_a_run_writes_csv_and_scatter_and_the_cli_recomputes_them_from_checkpoints(tmp_path):
     live, cold = tmp_path / "live", tmp_path / "cold"
-    train_run(make(["adapter=full", "analysis.every_steps=2"]), live)
+    result = train_run(make(["adapter=full", "analysis.every_steps=2"]), live)
     rows = read_csv(live)
+    want_corr = pearson([float(r["dD"]) for r in rows], [float(r["dM"]) for r in rows])
+    assert result["dm_dd_corr"] == pytest.approx(want_corr, rel=1e-6)  # into metrics.json (and summary.csv)
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     assert len(layers) == 13  # every linear of the 2-layer encoder + the pooler
     assert [int(r["step"]) for r in rows] == [s for s in (2, 4, 5) for _ in layers]

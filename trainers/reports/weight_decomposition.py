@@ -156,6 +156,11 @@ class WeightDecompositionAnalysis(TrainerCallback):
         if trainer.is_main:
             plot_run_decomposition(trainer.run_dir)
 
+    def on_run_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        """metrics.json gets ``dm_dd_corr``: the correlation of dM and dD over every recorded layer and step."""
+        corr = correlations(self.rows).get(self.method, math.nan)
+        result["dm_dd_corr"] = None if math.isnan(corr) else corr
+
 
 def method_of(run_dir: Path) -> str | None:
     """The ``adapter.name`` of a run folder (from ``.hydra/config.yaml``), None when it has none."""
