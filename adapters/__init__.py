@@ -6,8 +6,10 @@ Knows nothing of training: the trainers use only what is exported here.
 from __future__ import annotations
 
 from .base import AdapterLayer, adapter_layers, lora_scaling
+from .decomposition import decomposition_change, magnitude_direction, weight_decomposition
 from .dora import DoraLinear
 from .export import export_peft
+from .full import FullLinear
 from .gumbel import (
     GumbelLinear,
     add_gumbel_task,
@@ -46,6 +48,7 @@ __all__ = [
     "HEAD_NAMES",
     "AdapterLayer",
     "DoraLinear",
+    "FullLinear",
     "GumbelLinear",
     "LoraEmbedding",
     "LoraLinear",
@@ -58,6 +61,7 @@ __all__ = [
     "add_sdlora_task",
     "count_trainable_parameters",
     "drop_zero_beta_tasks",
+    "decomposition_change",
     "effective_ranks",
     "entropy",
     "export_peft",
@@ -72,6 +76,7 @@ __all__ = [
     "load_adapter_state_dict",
     "lora_direction_parameters",
     "lora_scaling",
+    "magnitude_direction",
     "merge_model",
     "merge_sora_model",
     "prune_gumbel_task",
@@ -80,5 +85,6 @@ __all__ = [
     "set_gumbel_tau",
     "summarize_gate_sparsity",
     "unmerge_model",
+    "weight_decomposition",
     "wrap_linears",
 ]

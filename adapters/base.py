@@ -183,6 +183,7 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_name: str = "base"
+    trains_base: bool = False           # wrap_linears keeps the wrapped layer's own parameters trainable (full)
     mergeable: bool = True              # merge_model folds it into W (False: refused, e.g. a stochastic gate)
     peft_use_dora: bool | None = False  # PEFT's use_dora flag for this layer (None: fits either, e.g. embeddings)
 
@@ -252,6 +253,19 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) update this adapter adds to the base weight."""
         raise NotImplementedError
+
+    def initial_weight(self) -> torch.Tensor:
+        """W_0, the weight the layer computes with at initialisation (adapters start as a no-op: the base W)."""
+        if self.merged:
+            raise RuntimeError("the initial weight of a merged adapter is not kept; unmerge it first")
+        return self.base_layer.weight.detach()
+
+    def merged_weight(self) -> torch.Tensor:
+        """W_t, the weight the layer computes with now: W + delta_weight (detached)."""
+        if self.merged:
+            return self.base_layer.weight.detach()
+        with torch.no_grad():
+            return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
 
     def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
         """``(rank, tensors)`` in PEFT's LoRA format, keys relative to this module (``lora_A.weight``, ...).

@@ -10,6 +10,7 @@ from torch import nn
 
 from .base import AdapterLayer, replace_submodule
 from .dora import DoraLinear
+from .full import FullLinear
 from .gumbel import GumbelLinear
 from .lora import LoraEmbedding, LoraLinear
 from .sdlora import SDLoraLinear
@@ -21,6 +22,7 @@ ADAPTERS: dict[str, type[AdapterLayer]] = {
     "sora": SoraLinear,
     "gumbel": GumbelLinear,
     "sdlora": SDLoraLinear,
+    "full": FullLinear,
 }
 # Module names that mark a task head: "all-linear" leaves them alone (they are trained in full
 # through ``modules_to_save`` instead), as PEFT does for the output layer.
@@ -152,7 +154,8 @@ def wrap_linears(
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             for pname, param in module.named_parameters():
-                if not pname.startswith("base_layer.") and not module.is_frozen_direction(pname):
+                own = not pname.startswith("base_layer.") or module.trains_base
+                if own and not module.is_frozen_direction(pname):
                     param.requires_grad_(True)
     by_kind: dict[type[AdapterLayer], list[AdapterLayer]] = {}
     for layer in layers.values():

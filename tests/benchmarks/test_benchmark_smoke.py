@@ -98,3 +98,16 @@ def test_sst2_batches_have_real_lengths_grouped_and_every_variant_cycles_through
     varied = [harness.make_batch(base, 2, n, torch.device("cpu"), seed=n) for n in (5, 9, 13)]
     steps, _ = step_time.bench_steps(base, varied, ["floor", "lora"], rounds=1, steps_per_round=3, warmup=0, r=4)
     assert set(steps) == {"floor", "lora"} and all(len(row["times_ms"]) == 3 for row in steps.values())
+
+
+def test_analysis_cost_report_on_a_tiny_model(tmp_path):
+    from benchmarks import analysis_cost
+
+    out = tmp_path / "cost.json"
+    args = analysis_cost.parse_args(["--steps", "1", "--batch-size", "2", "--seq-len", "8", "--json", str(out),
+                                     "--threads", str(torch.get_num_threads())])
+    report = analysis_cost.run(args, tiny_bert(num_labels=2))
+    assert json.loads(out.read_text())["methods"].keys() == {"lora", "dora", "full"}
+    for row in report["methods"].values():
+        assert all(row[k] > 0 for k in ("step_s", "grad_norm_s", "component_norms_s", "weight_decomposition_s"))
+        assert row["log_grad_norms_fraction"] == pytest.approx(row["component_norms_s"] / 20 / row["step_s"])

@@ -73,8 +73,10 @@ def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
 
 
 class SweepSummary(Callback):
-    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table; with
-    SoRA jobs also ``sweep_curve.png`` (accuracy against gate zero ratio and kept adapter parameters)."""
+    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job), a printed table and
+    ``curves.png`` (every job's training curves over each other), ``weight_decomposition.png`` (the jobs'
+    dM-dD scatter, one panel per method); with SoRA jobs also ``sweep_curve.png``
+    (accuracy against gate zero ratio and kept adapter parameters)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _is_main_process():
@@ -91,6 +93,25 @@ class SweepSummary(Callback):
         if table is not None:  # GLUE-style sweeps: eval_score x 100 per method and task
             print(f"\neval_score x 100 by method and task (mean ±std over seeds):\n{table}", flush=True)
         from trainers.methods.sora_report import plot_sweep
+        from trainers.reports.curves import plot_sweep_curves
+
+        try:
+            curves = plot_sweep_curves(sweep_dir, rows)
+        except Exception as exc:  # the summary is written; a picture must not fail the sweep
+            log.warning("sweep curves.png not drawn: %s", exc)
+        else:
+            if curves is not None:
+                print(f"Training curves of every job: {curves}", flush=True)
+        from trainers.reports.weight_decomposition import plot_sweep_decomposition
+
+        try:
+            scatter, corr = plot_sweep_decomposition(sweep_dir, [sweep_dir / r["job"] for r in rows])
+        except Exception as exc:
+            log.warning("sweep weight_decomposition.png not drawn: %s", exc)
+        else:
+            if scatter is not None:
+                shown = ", ".join(f"{m} {c:+.3f}" for m, c in corr.items())
+                print(f"Weight decomposition (corr of dM and dD: {shown}): {scatter}", flush=True)
 
         plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep
         if plot is not None:

@@ -89,6 +89,13 @@ class TrainerSchema:
     metric_for_best: str = "eval_score"  # compares evaluations (greater is better unless the name holds "loss")
     load_best_at_end: bool = False  # final metrics and exported adapter from the best evaluation
     early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = off
+    log_grad_norms: bool = False
+
+
+@dataclass
+class AnalysisSchema:
+    weight_decomposition: bool = MISSING
+    every_steps: int = MISSING
 
 
 @dataclass
@@ -102,6 +109,7 @@ class RootSchema:
     dataset: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING
+    analysis: Any = MISSING
 
 
 @dataclass
@@ -181,6 +189,8 @@ def validate_config(cfg: DictConfig) -> None:
     schedule = get_schedule(schedule_name)
     schedule_cfg = _check_keys(cfg.schedule, schedule.schema, "schedule")
     trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
+    analysis = _check_keys(cfg.analysis, AnalysisSchema, "analysis")
+    _require(analysis.every_steps >= 0, f"analysis.every_steps must be >= 0 (got {analysis.every_steps})")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
 
     _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")

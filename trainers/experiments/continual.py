@@ -36,6 +36,7 @@ from trainers.core.files import atomic_write, atomic_write_text
 from trainers.experiments.session import Session
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.metrics_log import MetricsWriter, has_results
+from trainers.reports.curves import draw_run_curves
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
             with atomic_write(task_dir / FINAL_ADAPTER) as tmp:
                 save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(tmp))
             writer.log({"step": t, "split": "task", **record})
+            draw_run_curves(task_dir)  # the task's own training curves (tasks/task_<t>/curves.png)
             atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1))
         accelerator.wait_for_everyone()
 

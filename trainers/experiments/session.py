@@ -84,6 +84,18 @@ def user_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
     return built
 
 
+def grad_components(method: Any, cfg: DictConfig) -> dict[str, str]:
+    """component -> regex on parameter names: the method's (``lora_A``, ``lora_B``, ...) and ``head`` (the
+    modules in ``model.modules_to_save``, trained in full)."""
+    import re
+
+    components = dict(method.grad_components(cfg))
+    saved = [re.escape(str(name)) for name in cfg.model.get("modules_to_save") or []]
+    if saved:
+        components["head"] = rf"(^|\.)({'|'.join(saved)})\."
+    return components
+
+
 class Session:
     """One run's setup. Creating it builds the accelerator, seeds every RNG with ``cfg.seed`` and loads the
     tokenizer (text models) and the objective; :meth:`build_model` and :meth:`trainer` then give the parts."""
@@ -116,9 +128,14 @@ class Session:
         return self.objective.build_model(self.cfg.model, self.method.adapter_spec(self.cfg.adapter), data)
 
     def callbacks(self, extra: list[TrainerCallback] | None = None) -> list[TrainerCallback]:
-        """The method's, the schedule's and the user's callbacks (in that order), then ``extra``."""
-        return (self.method.callbacks(self.cfg) + self.schedule.callbacks(self.cfg) + user_callbacks(self.cfg)
-                + list(extra or []))
+        """The method's, the schedule's and the user's callbacks (in that order), then ``extra``; with
+        ``trainer.log_grad_norms`` also the per-component gradient norms."""
+        hooks = self.method.callbacks(self.cfg) + self.schedule.callbacks(self.cfg) + user_callbacks(self.cfg)
+        if self.cfg.trainer.get("log_grad_norms"):
+            from trainers.loop.grad_norms import GradNormsByComponent
+
+            hooks.append(GradNormsByComponent(grad_components(self.method, self.cfg)))
+        return hooks + list(extra or [])
 
     def trainer(self, model: Any, data: Any, run_dir: Path, callbacks: list[TrainerCallback],
                 cfg: DictConfig | None = None) -> Any:

@@ -24,6 +24,16 @@ def adapter_parameter_count(model: Any, modules_to_save: list[str]) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not saved(name))
 
 
+def analysis_callbacks(cfg: DictConfig) -> list[Any]:
+    """The weight-decomposition analysis (``analysis.*``), when on."""
+    analysis = cfg.get("analysis") or {}
+    if not analysis.get("weight_decomposition", False):
+        return []
+    from trainers.reports.weight_decomposition import WeightDecompositionAnalysis
+
+    return [WeightDecompositionAnalysis(cfg.adapter.name, int(analysis.get("every_steps", 0)))]
+
+
 def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its final metrics (also written to metrics.json).
 
@@ -52,7 +62,7 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     if session.is_main:
         log.info("%s on %s: %d modules wrapped, %s, %d process(es) on %s", cfg.adapter.name, cfg.model.name,
                  len(wrapped), objective.describe(data), session.accelerator.num_processes, session.accelerator.device)
-    trainer = session.trainer(model, data, run_dir, session.callbacks())
+    trainer = session.trainer(model, data, run_dir, session.callbacks(analysis_callbacks(cfg)))
     if source is not None:
         from_other_run = source.resolve().parent.parent != run_dir.resolve()
         trainer.load_checkpoint(source, source.parent.parent if from_other_run else None)
@@ -66,6 +76,9 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
     result.setdefault("adapter_params", adapter_parameter_count(model, list(cfg.model.modules_to_save or [])))
     session.finish(model, run_dir, result)
     if session.is_main:
+        from trainers.reports.curves import draw_run_curves
+
+        draw_run_curves(run_dir)
         log.info("done: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in result.items()))
     return result

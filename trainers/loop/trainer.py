@@ -46,6 +46,17 @@ from trainers.objectives import EvalContext, Objective
 log = logging.getLogger(__name__)
 
 
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """||g||_2 over the gradients of ``params`` taken together (as ``clip_grad_norm_`` computes it), on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 class Trainer:
     """Trains ``model`` (already wrapped with an adapter) on ``data`` through ``stages``.
 
@@ -80,6 +91,8 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = build_optimizers(self._specs)
         self.schedulers: dict[str, Any] = {}
         self._running: dict[str, torch.Tensor] = {}  # device-side sums since the last log line (no host sync)
+        self.log_due = False  # whether the optimizer step in progress will be logged (callbacks may read it)
+        self._grad_norm: torch.Tensor | None = None  # global gradient norm of the last logged step (on the device)
         self.ddp_model = accelerator.prepare(model)
 
         by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
@@ -190,6 +203,7 @@ class Trainer:
                 self._micro_step(batch, group_size, sync=is_step)
                 self.state.batch_in_epoch += 1
                 if is_step:
+                    self.log_due = self._log_due(self.state.global_step + 1, self.state.stage_step + 1, total)
                     self._optimizer_step()
                     bar.update(1)
                     self._after_step(stage, total, bar)
@@ -243,8 +257,11 @@ class Trainer:
         if scaler is not None:
             for opt in self.optimizers.values():
                 scaler.unscale_(opt)
-        if self.tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        self._call("on_before_optimizer_step")
+        if self.tcfg.max_grad_norm > 0:  # the norm before clipping comes for free; stays on the device
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        elif self.log_due:
+            self._grad_norm = total_grad_norm(self.trainable)
         for opt in self.optimizers.values():
             if scaler is not None:
                 scaler.step(opt)
@@ -261,9 +278,13 @@ class Trainer:
         self.state.train_time_s += time.perf_counter() - start
         self._call("on_step_end")
 
+    def _log_due(self, step: int, stage_step: int, total: int) -> bool:
+        """Whether optimizer step ``step`` (``stage_step`` of ``total`` in its stage) writes a training line."""
+        return step % self.tcfg.log_every_steps == 0 or stage_step == total
+
     def _after_step(self, stage: Stage, total: int, bar: Any) -> None:
         step = self.state.global_step
-        if step % self.tcfg.log_every_steps == 0 or self.state.stage_step == total:
+        if self._log_due(step, self.state.stage_step, total):
             record = self._log_train(stage)
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             if bar.disable and self.is_main:  # no progress bar (not a terminal): a log line instead
@@ -292,6 +313,9 @@ class Trainer:
             "loss": totals.get("loss_sum", 0.0) / count, "accuracy": totals.get("correct", 0.0) / count,
             "lr": next(iter(self.optimizers.values())).param_groups[0]["lr"],
         }
+        if self._grad_norm is not None:  # the one host read of the gradient norm, at log steps only
+            record["grad_norm"] = float(self._grad_norm)
+            self._grad_norm = None
         for name in names:
             if name.endswith("_sum") and name != "loss_sum":
                 record[name[: -len("_sum")]] = totals[name] / count

@@ -37,6 +37,10 @@ class LoraSchema:
     use_rslora: bool = False
 
 
+# the LoRA factors (``lora_A``, ``lora_B``, also ``lora_A.0`` inside a per-task ParameterList)
+LORA_COMPONENTS = {"lora_A": r"(^|\.)lora_A(\.\d+)?$", "lora_B": r"(^|\.)lora_B(\.\d+)?$"}
+
+
 def require(ok: bool, message: str) -> None:
     """Raise a one-line UserError unless ``ok``."""
     if not ok:
@@ -101,6 +105,10 @@ class Method:
     def callbacks(self, cfg: DictConfig) -> list[TrainerCallback]:
         """The training hooks this method needs (none for plain LoRA)."""
         return []
+
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        """component -> regex on parameter names, for ``trainer.log_grad_norms`` (``grad_norm_<component>``)."""
+        return dict(LORA_COMPONENTS)
 
     # -- continual learning --------------------------------------------------------------------------
     def task_config(self, cfg: DictConfig, task: int) -> DictConfig:

@@ -207,6 +207,9 @@ class GumbelMethod(Method):
         return [OptimizerSpec("base", groups, adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay),
                               float(tcfg.warmup_ratio))]
 
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        return {**super().grad_components(cfg), "magnitude": r"(^|\.)magnitudes$", "gate": r"(^|\.)gate_logits$"}
+
     def callbacks(self, cfg: DictConfig) -> list[TrainerCallback]:
         adapter = cfg.adapter
         hooks: list[TrainerCallback] = [GumbelTemperature(adapter.tau_init, adapter.tau_final, adapter.anneal_rate)]

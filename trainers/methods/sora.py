@@ -306,6 +306,9 @@ class SoraMethod(Method):
                               float(tcfg.warmup_ratio)),
                 OptimizerSpec("gate", [{"params": gates}], gate_optimizer, float(adapter.gate_warmup_ratio))]
 
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        return {**super().grad_components(cfg), "gate": r"(^|\.)gate$"}
+
     def callbacks(self, cfg: DictConfig) -> list[TrainerCallback]:
         from trainers.methods.sora_report import SoraFinish, SoraStageReport
 

@@ -14,7 +14,7 @@ from trainers.core.files import atomic_write_text
 from trainers.loop.metrics_log import METRICS_JSON
 
 SUMMARY_CSV = "summary.csv"
-SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "trainable_params",
+SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "dm_dd_corr", "trainable_params",
                    "train_samples_per_second", "wall_time_s",
                    # continual runs
                    "acc_final", "aaa", "forgetting", "bwt", "active_adapters", "total_adapters", "adapter_params")
@@ -95,7 +95,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         keys.extend(k for k in row.get("_swept", []) if k not in keys)
     varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
-    metrics = ["eval_score", "eval_accuracy", "eval_loss", "gate_zero_ratio", "aaa", "forgetting", "bwt",
+    metrics = ["eval_score", "eval_accuracy", "eval_loss", "gate_zero_ratio", "dm_dd_corr", "aaa", "forgetting", "bwt",
                "active_adapters", "adapter_params", "wall_time_s"]
     columns = ["job", *(varying or ["overrides"]), *[m for m in metrics if any(r.get(m) is not None for r in rows)],
                "status"]

@@ -36,7 +36,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
-    (["adapter=nope"], ["unknown adapter option 'nope'", "choose from: dora, gumbel, lora"]),
+    (["adapter=nope"], ["unknown adapter option 'nope'", "choose from: dora, full, gumbel, lora"]),
     (["model=nope"], ["unknown model option 'nope'", "minilm"]),
     (["dataset=nope"], ["unknown dataset option 'nope'", "sst2"]),
     (["lora_alpha=3"], ["unknown config key 'lora_alpha'"]),

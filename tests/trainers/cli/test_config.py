@@ -21,7 +21,7 @@ make = compose_config
 
 def test_every_group_has_the_required_options():
     names = {g: {o for gg, o in OPTIONS if gg == g} for g in GROUPS}
-    assert {"lora", "dora", "sora", "sora_official", "gumbel", "loraplus", "sdlora"} <= names["adapter"]
+    assert {"lora", "dora", "sora", "sora_official", "gumbel", "loraplus", "sdlora", "full"} <= names["adapter"]
     from trainers.methods import methods
 
     # every adapter YAML names a plug-in (presets such as sora_official reuse one), every plug-in has its YAML

@@ -55,6 +55,8 @@ def test_three_task_run_writes_the_field_metrics(gumbel_run):
     assert metrics["active_adapters"] == int(masks[-1]["pruning_mask"].sum())
     for name in ("accuracy_over_tasks.png", "accuracy_matrix.png", "beta_evolution.png", "beta_heatmap.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    for t in range(3):  # each task's own training curves
+        assert (run_dir / "tasks" / f"task_{t}" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "[Conditional Growth] Task 2 - Beta values: [" in log
     assert "Active adapters: " in log and "Task 1, Epoch 2/2 => Loss " in log and "(clf=" in log
     assert ", tau=" in log and "sparse=" in log
