@@ -27,7 +27,8 @@ def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) 
     except Exception:
         pass
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500]})
+    details = getattr(error, "details", {})  # e.g. the step and reason of a non-finite stop
+    write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500], **details})
 
 
 def run_job(cfg: DictConfig) -> float:

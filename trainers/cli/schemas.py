@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainers.core.config import without_hydra
 from trainers.core.errors import UserError
+from trainers.loop.nonfinite import POLICIES as NONFINITE_POLICIES
 
 
 # --------------------------------------------------------------------------------------------- schemas
@@ -85,6 +86,8 @@ class TrainerSchema:
     save_merged: bool = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
     eval_at_start: bool = False
+    on_nonfinite: str = "stop"  # stop | skip_step (trainers/loop/nonfinite.py)
+    max_skipped_steps: int = 3  # skip_step: steps that may be skipped in a run before it stops
 
 
 @dataclass
@@ -181,6 +184,10 @@ def validate_config(cfg: DictConfig) -> None:
     _require(len(trainer.betas) == 2 and all(0 <= b < 1 for b in trainer.betas),
              f"trainer.betas must be two numbers in [0, 1) (got {list(trainer.betas)})")
     _require(0 <= trainer.warmup_ratio <= 1, f"trainer.warmup_ratio must be in [0, 1] (got {trainer.warmup_ratio})")
+    _require(trainer.on_nonfinite in NONFINITE_POLICIES, f"trainer.on_nonfinite must be one of "
+             f"{', '.join(NONFINITE_POLICIES)} (got {trainer.on_nonfinite!r})")
+    _require(trainer.max_skipped_steps >= 0,
+             f"trainer.max_skipped_steps must be >= 0 (got {trainer.max_skipped_steps})")
     _require(trainer.precision in PRECISIONS,
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message (its type name if it has none), cut to ``limit``."""
@@ -14,6 +16,17 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class NonFiniteError(UserError):
+    """Training produced a non-finite loss, gradient norm, weight or evaluation loss.
+
+    ``details`` (e.g. ``{"step": 17, "reason": "non-finite loss"}``) go into the failed run's metrics.json.
+    """
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details = dict(details or {})
 
 
 class RunRefused(BaseException):

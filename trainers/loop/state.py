@@ -21,3 +21,4 @@ class TrainerState:
     last_eval: dict[str, float] = field(default_factory=dict)
     running: dict[str, float] = field(default_factory=dict)  # sums since the last training log line
     metrics_lines: int = 0    # lines of metrics.jsonl written when the checkpoint was taken
+    skipped_steps: int = 0    # optimizer steps dropped for a non-finite loss or gradient (on_nonfinite=skip_step)

@@ -27,11 +27,12 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainers.core.errors import UserError
+from trainers.core.errors import NonFiniteError, UserError
 from trainers.data.sampling import EpochSampler, ShardSampler, make_loader
 from trainers.loop import checkpoint as ckpt
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.metrics_log import MetricsWriter
+from trainers.loop.nonfinite import all_finite, grad_norm, nonfinite_losses, nonfinite_names
 from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_warmup_scheduler
 from trainers.loop.stages import Stage
 from trainers.loop.state import TrainerState
@@ -74,6 +75,7 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = build_optimizers(self._specs)
         self.schedulers: dict[str, Any] = {}
         self._running: dict[str, torch.Tensor] = {}  # device-side sums since the last log line (no host sync)
+        self._step_sums: dict[str, torch.Tensor] = {}  # the current optimizer step's sums (dropped if it is skipped)
         self.ddp_model = accelerator.prepare(model)
 
         by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
@@ -197,18 +199,19 @@ class Trainer:
                 loss = outputs.loss + sum(extras.values()) if extras else outputs.loss
             self.accelerator.backward(loss / group_size)
         n = batch["labels"].shape[0]
-        self._accumulate("loss_sum", outputs.loss.detach() * n)
-        self._accumulate("correct", self.objective.batch_correct(outputs, batch))
-        self._accumulate("count", n)
+        self._accumulate("loss_sum", outputs.loss.detach() * n, self._step_sums)
+        self._accumulate("correct", self.objective.batch_correct(outputs, batch), self._step_sums)
+        self._accumulate("count", n, self._step_sums)
         for name, value in extras.items():
-            self._accumulate(f"{name}_sum", value.detach() * n)
+            self._accumulate(f"{name}_sum", value.detach() * n, self._step_sums)
         self.state.samples_seen += n * self.world_size
         self.state.train_time_s += time.perf_counter() - start
 
-    def _accumulate(self, name: str, value: torch.Tensor | float) -> None:
+    def _accumulate(self, name: str, value: torch.Tensor | float, into: dict[str, torch.Tensor] | None = None) -> None:
         """Add to a running sum kept on the device (read at log and checkpoint steps only)."""
+        sums = self._running if into is None else into
         value = torch.as_tensor(value, device=self.accelerator.device).to(torch.float64)
-        self._running[name] = self._running[name] + value if name in self._running else value
+        sums[name] = sums[name] + value if name in sums else value
 
     def _flush_running(self) -> None:
         """Move the device-side sums into ``state.running`` (one host copy)."""
@@ -228,14 +231,21 @@ class Trainer:
             for opt in self.optimizers.values():
                 scaler.unscale_(opt)
         if self.tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
-        for opt in self.optimizers.values():
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        else:
+            norm = grad_norm(self.trainable)
+        skip = not self._step_is_finite(norm, scaler is not None)  # raises unless the step may be skipped
+        if not skip:
+            for opt in self.optimizers.values():
+                if scaler is not None:
+                    scaler.step(opt)
+                else:
+                    opt.step()
+            for name, value in self._step_sums.items():  # a skipped step's losses stay out of the logged means
+                self._running[name] = self._running[name] + value if name in self._running else value
         if scaler is not None:
             scaler.update()
+        self._step_sums = {}
         for sched in self.schedulers.values():
             sched.step()
         for opt in self.optimizers.values():
@@ -244,6 +254,51 @@ class Trainer:
         self.state.stage_step += 1
         self.state.train_time_s += time.perf_counter() - start
         self._call("on_step_end")
+
+    def _step_is_finite(self, norm: torch.Tensor | None, scaled: bool) -> bool:
+        """True if this step's losses (and, without a grad scaler, its gradient norm) are finite.
+
+        One host sync per optimizer step. Otherwise ``trainer.on_nonfinite`` decides: ``skip_step`` returns
+        False (the caller drops the update) up to ``trainer.max_skipped_steps`` times; ``stop`` (and a skip
+        beyond that count) raises :class:`NonFiniteError`. With a grad scaler (fp16) infinite gradients are
+        the scaler's business (it skips those steps itself), so only the losses are checked.
+        """
+        values = list(self._step_sums.values())
+        if norm is not None and not scaled:
+            values.append(norm)
+        bad = ~all_finite(values)
+        if self.world_size > 1:  # every process takes the same decision
+            bad = self.accelerator.reduce(bad.to(torch.float32), reduction="sum") > 0
+        if not bool(bad):
+            return True
+        step = self.state.global_step + 1
+        losses = {k: v for k, v in self._step_sums.items() if k.endswith("_sum")}
+        what = [f"loss term {k[:-4]}" if k != "loss_sum" else "loss" for k in nonfinite_names(losses)]
+        if norm is not None and not scaled and not bool(torch.isfinite(norm)):
+            what.append("gradient norm")
+        reason = "non-finite " + (" and ".join(what) or "value on another process")
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        allowed = int(self.tcfg.get("max_skipped_steps", 0))
+        if self.tcfg.get("on_nonfinite", "stop") == "skip_step" and self.state.skipped_steps < allowed:
+            self.state.skipped_steps += 1
+            if self.is_main:
+                log.warning("step %d skipped (%s): %d of %d tolerated skips used", step, reason,
+                            self.state.skipped_steps, allowed)
+            return False
+        self._step_sums = {}
+        raise self._nonfinite(step, reason)
+
+    def _nonfinite(self, step: int, reason: str) -> NonFiniteError:
+        """The error that stops a run at ``step``; names the last checkpoint with finite weights."""
+        last = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written"
+        if self.tcfg.get("on_nonfinite") == "skip_step":
+            hint = f"{self.state.skipped_steps} step(s) were skipped already, the most trainer.max_skipped_steps allows"
+        else:
+            hint = "lower trainer.base_lr, or set trainer.on_nonfinite=skip_step to skip such steps"
+        return NonFiniteError(f"training stopped at step {step}: {reason}; nothing of this step was saved, {kept} "
+                              f"({hint})", {"step": step, "reason": reason})
 
     def _after_step(self, stage: Stage, total: int, bar: Any) -> None:
         step = self.state.global_step
@@ -289,6 +344,9 @@ class Trainer:
         if self.state.last_eval_step == self.state.global_step and self.state.last_eval:
             return dict(self.state.last_eval)
         metrics = self.evaluate()
+        bad = nonfinite_losses(metrics)
+        if bad:
+            raise self._nonfinite(self.state.global_step, f"non-finite evaluation {', '.join(bad)}")
         self.state.last_eval_step = self.state.global_step
         self.state.last_eval = dict(metrics)
         self.writer.log({"step": self.state.global_step, "split": "eval", **metrics})
@@ -319,6 +377,10 @@ class Trainer:
 
         step = self.state.global_step
         name = name or ckpt.step_name(step)
+        bad = nonfinite_names(adapter_state_dict(self.model))
+        if bad:  # never save weights no resume could use
+            raise self._nonfinite(step, f"non-finite weights in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1
+                                                                             else ""))
         self._flush_running()
         self.state.metrics_lines = self.writer.num_lines
         state = dataclasses.asdict(self.state)
@@ -411,4 +473,6 @@ class Trainer:
             "train_samples": self.state.samples_seen,
             "status": "completed",
         })
+        if self.tcfg.get("on_nonfinite") == "skip_step":
+            result["skipped_steps"] = self.state.skipped_steps
         return result

@@ -1,0 +1,76 @@
+"""Fault injection for the reliability tests: callbacks that poison a loss, a gradient, an evaluation or the
+weights at chosen steps (loaded by the trainer through ``trainer.callbacks``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainers.loop.hooks import TrainerCallback
+
+
+def _steps(steps: Any) -> set[int]:
+    return {int(s) for s in (steps if isinstance(steps, list | tuple) or hasattr(steps, "__iter__") else [steps])}
+
+
+class NanLossAt(TrainerCallback):
+    """Adds a NaN loss term during optimizer steps ``steps`` (1-based: the step being computed). The term has no
+    gradient, so only the loss check can see it. Keeps the adapter weights seen before/after each poisoned step."""
+
+    last: NanLossAt | None = None
+
+    def __init__(self, steps: Any) -> None:
+        self.steps = _steps(steps)
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        NanLossAt.last = self
+
+    @staticmethod
+    def _weights(trainer: Any) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    def on_step_begin(self, trainer: Any) -> None:
+        step = trainer.state.global_step + 1
+        if step in self.steps:
+            self.before[step] = self._weights(trainer)
+
+    def extra_losses(self, trainer: Any, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
+        if trainer.state.global_step + 1 in self.steps:
+            return {"poison": torch.tensor(float("nan"))}
+        return {}
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.state.global_step in self.steps:
+            self.after[trainer.state.global_step] = self._weights(trainer)
+
+
+class NanGradAt(TrainerCallback):
+    """Turns every gradient of one trainable parameter into NaN during optimizer step ``step`` (the loss stays
+    finite, so only the gradient-norm check can see it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_train_begin(self, trainer: Any) -> None:
+        param = trainer.trainable[0]
+        param.register_hook(lambda g: g * float("nan") if trainer.state.global_step + 1 == self.step else g)
+
+
+class NanEvalLoss(TrainerCallback):
+    """Reports a NaN evaluation loss term (``aux_loss``) from evaluation ``at`` on (0 = the first)."""
+
+    def __init__(self, at: int = 0) -> None:
+        self.at, self.count = int(at), 0
+
+    def eval_metrics(self, trainer: Any) -> dict[str, float]:
+        self.count += 1
+        return {"aux_loss": float("nan")} if self.count > self.at else {"aux_loss": 0.0}
+
+
+class PoisonAtRunEnd(TrainerCallback):
+    """Writes a NaN into one adapter weight after training (where end-of-run steps such as pruning run)."""
+
+    def on_run_end(self, trainer: Any, result: dict[str, Any]) -> None:
+        with torch.no_grad():
+            trainer.trainable[0].view(-1)[0] = float("nan")
