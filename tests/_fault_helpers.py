@@ -74,3 +74,31 @@ class PoisonAtRunEnd(TrainerCallback):
     def on_run_end(self, trainer: Any, result: dict[str, Any]) -> None:
         with torch.no_grad():
             trainer.trainable[0].view(-1)[0] = float("nan")
+
+
+class PauseAtStart(TrainerCallback):
+    """Creates the file ``flag`` when training starts, then sleeps ``seconds`` (a run that is busy in its folder)."""
+
+    def __init__(self, flag: str, seconds: float = 5.0) -> None:
+        self.flag, self.seconds = flag, float(seconds)
+
+    def on_train_begin(self, trainer: Any) -> None:
+        import time
+        from pathlib import Path
+
+        Path(self.flag).write_text("started")
+        time.sleep(self.seconds)
+
+
+class SignalAt(TrainerCallback):
+    """Sends ``signal`` (a name, e.g. SIGTERM) to this process right after optimizer step ``step``."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step, self.signal = int(step), signal
+
+    def on_step_end(self, trainer: Any) -> None:
+        import os
+        import signal
+
+        if trainer.state.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainers.cli.run_id import register_resolvers, run_id, set_run_id
-from trainers.core.errors import RunRefused, UserError
+from trainers.core.errors import RunInterrupted, RunRefused, UserError
 
 DIST_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # Overrides for processes other than the main one: Hydra's own files and logs are written once.
@@ -70,6 +70,12 @@ class _CliState:
     active = False
     full_error = False
     failure: BaseException | None = None
+    resume_hint: str | None = None  # set by an interrupted job: its folder and the command that continues it
+
+
+def note_interrupted(hint: str) -> None:
+    """Called by an interrupted job: what the CLI's interrupt message says after ``interrupted``."""
+    _CliState.resume_hint = hint
 
 
 def report_failure(exc: BaseException) -> bool:
@@ -93,6 +99,7 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
             sys.argv.extend(NON_MAIN_OVERRIDES)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so the error is reported here
     _CliState.active, _CliState.full_error, _CliState.failure = True, full_error, None
+    _CliState.resume_hint = None
     try:
         hydra_main()
         error = _CliState.failure
@@ -100,11 +107,16 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         if full_error:
             raise
         error = exc
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted) as exc:
         if is_main:
-            print("error: interrupted; continue the run with resume=auto and the same hydra.run.dir "
-                  "(or hydra.sweep.dir)", file=sys.stderr, flush=True)
-        sys.exit(130)
+            hint = _CliState.resume_hint or ("continue the run with resume=auto and the same hydra.run.dir "
+                                             "(or hydra.sweep.dir)")
+            if isinstance(exc, RunInterrupted) and exc.checkpoint:
+                what = f"stopped by {exc.signal} after step {exc.step}, checkpoint {exc.checkpoint} saved"
+            else:
+                what = f"interrupted by {getattr(exc, 'signal', 'SIGINT')}"
+            print(f"error: {what}; {hint}", file=sys.stderr, flush=True)
+        sys.exit(143 if isinstance(exc, RunInterrupted) else 130)
     if error is not None:
         if is_main:
             print(f"error: {format_error(error)}", file=sys.stderr, flush=True)

@@ -12,13 +12,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from trainers.core.errors import RunRefused, UserError
+from trainers.core.lock import claim_dir, lock_dir, unlock_dir
 from trainers.loop.metrics_log import has_results
 from trainers.reports.sweep import collect_sweep, format_table, write_summary
 
 log = logging.getLogger(__name__)
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Process 0 of a DDP launch (the one that writes files); True without DDP."""
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
@@ -32,31 +34,97 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from trainers.experiments.session import resume_source
 
+        run_dir = Path(config.hydra.run.dir)
+        main = is_main_process()
         try:
-            resume_source(config, Path(config.hydra.run.dir))
+            if main:  # one writer per run folder, from before Hydra writes into it until the process ends
+                lock_dir(run_dir, "choose another hydra.run.dir")
+            resume_source(config, run_dir)
         except UserError as exc:
+            unlock_dir(run_dir, refused=True)
             raise RunRefused(str(exc)) from None
+        if main:
+            if has_results(run_dir):  # a resume: Hydra rewrites .hydra/ and appends to main.log before the
+                remember_run_files(run_dir)  # job can load the checkpoint; a refused resume puts them back
+            claim_dir(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
+        if not is_main_process():
             return
+        try:  # one sweep per sweep folder (each job also locks its own folder)
+            lock_dir(sweep_dir, "choose another hydra.sweep.dir")
+        except UserError as exc:
+            raise RunRefused(str(exc)) from None
         used = [p for p in sweep_dir.iterdir() if p.is_dir() and has_results(p)]
         if used and config.get("resume") is None:
+            unlock_dir(sweep_dir, refused=True)
             raise RunRefused(f"sweep directory {sweep_dir} already holds results (e.g. {used[0].name}/); pass "
                              f"resume=auto to continue that sweep or choose another hydra.sweep.dir")
+        claim_dir(sweep_dir)
         for job_dir in used:  # Hydra rewrites .hydra/ before a job can check its checkpoint: keep the old files
             backup_hydra_files(job_dir)
 
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        unlock_dir(Path(config.hydra.sweep.dir))  # after the summary (Hydra calls end hooks in reverse order)
+
 
 HYDRA_BACKUP = ".hydra.before-resume"
+LOG_FILE = "main.log"
+LOG_SIZE = "main.log.size"  # inside HYDRA_BACKUP: main.log's size before the resumed job
+_REMEMBERED: dict[str, tuple[dict[str, bytes] | None, int | None]] = {}
+
+
+def remember_run_files(run_dir: Path) -> None:
+    """Keep (in memory) the ``.hydra/`` files and main.log's size of a run folder about to be resumed."""
+    hydra = Path(run_dir) / ".hydra"
+    files = {f.name: f.read_bytes() for f in hydra.iterdir() if f.is_file()} if hydra.is_dir() else None
+    log_file = Path(run_dir) / LOG_FILE
+    _REMEMBERED[str(Path(run_dir).resolve())] = (files, log_file.stat().st_size if log_file.is_file() else None)
+
+
+def restore_run_files(run_dir: Path) -> None:
+    """After a refused resume: ``.hydra/`` and main.log exactly as :func:`remember_run_files` found them."""
+    saved = _REMEMBERED.pop(str(Path(run_dir).resolve()), None)
+    if saved is None:
+        return
+    files, log_size = saved
+    hydra = Path(run_dir) / ".hydra"
+    if files is None:
+        shutil.rmtree(hydra, ignore_errors=True)
+    else:
+        hydra.mkdir(exist_ok=True)
+        for extra in hydra.iterdir():
+            if extra.name not in files:
+                extra.unlink()
+        for name, data in files.items():
+            (hydra / name).write_bytes(data)
+    _restore_log(Path(run_dir) / LOG_FILE, log_size)
+
+
+def _restore_log(log_file: Path, size: int | None) -> None:
+    try:
+        if size is None:
+            log_file.unlink(missing_ok=True)
+        elif log_file.is_file():
+            os.truncate(log_file, size)
+    except OSError as exc:
+        log.debug("could not restore %s: %s", log_file, exc)
+
+
+def forget_run_files(run_dir: Path) -> None:
+    """The resume went ahead: drop what :func:`remember_run_files` kept."""
+    _REMEMBERED.pop(str(Path(run_dir).resolve()), None)
 
 
 def backup_hydra_files(job_dir: Path) -> None:
     """Copy ``job_dir/.hydra`` (the config an earlier run used) aside before a resumed sweep rewrites it."""
     source = Path(job_dir) / ".hydra"
     if source.is_dir():
-        shutil.copytree(source, Path(job_dir) / HYDRA_BACKUP, dirs_exist_ok=True)
+        backup = Path(job_dir) / HYDRA_BACKUP
+        shutil.copytree(source, backup, dirs_exist_ok=True)
+        log_file = Path(job_dir) / LOG_FILE
+        (backup / LOG_SIZE).write_text(str(log_file.stat().st_size) if log_file.is_file() else "none")
 
 
 def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
@@ -66,6 +134,11 @@ def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
     if not backup.is_dir():
         return
     if not keep_new:
+        size_file = backup / LOG_SIZE
+        if size_file.is_file():
+            size = size_file.read_text().strip()
+            size_file.unlink()
+            _restore_log(Path(run_dir) / LOG_FILE, int(size) if size.isdigit() else None)
         shutil.rmtree(Path(run_dir) / ".hydra", ignore_errors=True)
         backup.rename(Path(run_dir) / ".hydra")
     else:
@@ -77,7 +150,7 @@ class SweepSummary(Callback):
     SoRA jobs also ``sweep_curve.png`` (accuracy against gate zero ratio and kept adapter parameters)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = collect_sweep(sweep_dir)

@@ -38,3 +38,14 @@ class RunRefused(BaseException):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class RunInterrupted(BaseException):
+    """A signal stopped the run (``signal``: e.g. SIGTERM); ``step`` and ``checkpoint`` say where it can resume.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` records it as a failure.
+    """
+
+    def __init__(self, signal: str, step: int | None = None, checkpoint: str | None = None) -> None:
+        super().__init__(f"stopped by {signal}" + (f" at step {step}" if step is not None else ""))
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint

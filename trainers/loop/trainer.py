@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainers.core.errors import NonFiniteError, UserError
+from trainers.core.errors import NonFiniteError, RunInterrupted, UserError
+from trainers.core.signals import stop_point, stop_requested
 from trainers.data.sampling import EpochSampler, ShardSampler, make_loader
 from trainers.loop import checkpoint as ckpt
 from trainers.loop.hooks import TrainerCallback
@@ -89,6 +90,7 @@ class Trainer:
         self._resumed_stage: int | None = None
         self._pending: dict[str, Any] = {}
         self._last_saved_step = -1
+        self._stop: str | None = None  # a signal asked to stop: checkpoint and stop after this step
         self._segment_start = started_at if started_at is not None else time.perf_counter()
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -133,7 +135,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, float]:
-        """Run the remaining stages; return the final evaluation metrics."""
+        """Run the remaining stages; return the final evaluation metrics.
+
+        A SIGTERM while training (``trainers.core.signals``) ends the current optimizer step, saves a checkpoint
+        and raises :class:`RunInterrupted` naming it."""
+        with stop_point():
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         self._call("on_train_begin")
         if self.tcfg.get("eval_at_start") and self.state.global_step == 0:
             self.evaluate_if_needed()  # the score before any training (logged as the step-0 eval line)
@@ -179,6 +188,9 @@ class Trainer:
                     self._optimizer_step()
                     bar.update(1)
                     self._after_step(stage, total, bar)
+                    if self._stop is not None:
+                        bar.close()
+                        self._interrupt(self._stop)
                     if self.state.stage_step >= total:
                         break
             if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: next permutation
@@ -234,7 +246,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
         else:
             norm = grad_norm(self.trainable)
-        skip = not self._step_is_finite(norm, scaler is not None)  # raises unless the step may be skipped
+        skip = not self._check_step(norm, scaler is not None)  # raises unless the step may be skipped
         if not skip:
             for opt in self.optimizers.values():
                 if scaler is not None:
@@ -255,8 +267,9 @@ class Trainer:
         self.state.train_time_s += time.perf_counter() - start
         self._call("on_step_end")
 
-    def _step_is_finite(self, norm: torch.Tensor | None, scaled: bool) -> bool:
-        """True if this step's losses (and, without a grad scaler, its gradient norm) are finite.
+    def _check_step(self, norm: torch.Tensor | None, scaled: bool) -> bool:
+        """True if this step's losses (and, without a grad scaler, its gradient norm) are finite; also notes
+        a stop request (SIGTERM) so that every process stops after this step.
 
         One host sync per optimizer step. Otherwise ``trainer.on_nonfinite`` decides: ``skip_step`` returns
         False (the caller drops the update) up to ``trainer.max_skipped_steps`` times; ``stop`` (and a skip
@@ -266,10 +279,15 @@ class Trainer:
         values = list(self._step_sums.values())
         if norm is not None and not scaled:
             values.append(norm)
-        bad = ~all_finite(values)
-        if self.world_size > 1:  # every process takes the same decision
-            bad = self.accelerator.reduce(bad.to(torch.float32), reduction="sum") > 0
-        if not bool(bad):
+        nonfinite = ~all_finite(values)
+        asked = torch.tensor(stop_requested() is not None, device=nonfinite.device)
+        flags = torch.stack([nonfinite, asked]).to(torch.float32)
+        if self.world_size > 1:  # every process takes the same decisions (one collective for both flags)
+            flags = self.accelerator.reduce(flags.to(self.accelerator.device), reduction="sum")
+        bad, stop = (v > 0 for v in flags.tolist())  # the one host sync of the step
+        if stop:
+            self._stop = stop_requested() or "SIGTERM"  # (a signal on another process)
+        if not bad:
             return True
         step = self.state.global_step + 1
         losses = {k: v for k, v in self._step_sums.items() if k.endswith("_sum")}
@@ -288,6 +306,14 @@ class Trainer:
             return False
         self._step_sums = {}
         raise self._nonfinite(step, reason)
+
+    def _interrupt(self, signal: str) -> None:
+        """Checkpoint the step just done (unless it is saved already) and stop the run."""
+        path = (ckpt.checkpoint_root(self.run_dir) / ckpt.step_name(self.state.global_step)
+                if self._last_saved_step == self.state.global_step else self.save_checkpoint())
+        if self.is_main:
+            log.warning("stopped by %s after step %d; checkpoint %s", signal, self.state.global_step, path)
+        raise RunInterrupted(signal, self.state.global_step, str(path))
 
     def _nonfinite(self, step: int, reason: str) -> NonFiniteError:
         """The error that stops a run at ``step``; names the last checkpoint with finite weights."""
