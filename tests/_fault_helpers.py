@@ -102,3 +102,18 @@ class SignalAt(TrainerCallback):
 
         if trainer.state.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class KillAtTaskStart(TrainerCallback):
+    """SIGKILL this process when the Trainer of continual task ``task`` starts (its folder ``tasks/task_{task}``
+    exists, no checkpoint of it yet): the moment the issue's continual resume case was killed at."""
+
+    def __init__(self, task: int) -> None:
+        self.task = int(task)
+
+    def on_train_begin(self, trainer: Any) -> None:
+        import os
+        import signal
+
+        if trainer.run_dir.name == f"task_{self.task}":
+            os.kill(os.getpid(), signal.SIGKILL)

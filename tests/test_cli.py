@@ -50,6 +50,8 @@ def finished_run(tmp_path_factory) -> Path:
     (["resume=/nonexistent/run"], ["resume=/nonexistent/run: no checkpoint there"]),
     (["model=roberta-base"], ["cannot load tokenizer 'FacebookAI/roberta-base'", "network access"]),
     (["adapter.r=[1"], ["cannot parse the override 'adapter.r=[1'"]),
+    (["trainer.base_lr=inf"], ["trainer.base_lr must be a finite number (got inf)"]),
+    (["dataset.max_seq_length=1"], ["dataset.max_seq_length=1 leaves no room for text", "use at least 3"]),
 ])
 def test_bad_input_is_one_line(args, fragments, tmp_path):
     run_dir = tmp_path / "run"

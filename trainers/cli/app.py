@@ -71,6 +71,18 @@ class _CliState:
     full_error = False
     failure: BaseException | None = None
     resume_hint: str | None = None  # set by an interrupted job: its folder and the command that continues it
+    sweep_jobs: dict[str, str | None] = {}  # job folder -> refusal (None: the job ran)
+
+
+def note_sweep_job(job_dir: str, refused: str | None) -> None:
+    """Called by every sweep job of this launch: ``refused`` is why it could not take its folder over (None: it
+    ran, whatever the outcome). A sweep with refused jobs exits non-zero."""
+    _CliState.sweep_jobs[job_dir] = refused
+
+
+def sweep_jobs() -> dict[str, str | None]:
+    """The sweep jobs this process launched so far: job folder -> why it was refused (None: it ran)."""
+    return dict(_CliState.sweep_jobs)
 
 
 def note_interrupted(hint: str) -> None:
@@ -100,9 +112,15 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so the error is reported here
     _CliState.active, _CliState.full_error, _CliState.failure = True, full_error, None
     _CliState.resume_hint = None
+    _CliState.sweep_jobs = {}
     try:
         hydra_main()
         error = _CliState.failure
+        refused = {job: why for job, why in _CliState.sweep_jobs.items() if why is not None}
+        if error is None and refused:
+            first, why = next(iter(refused.items()))
+            error = UserError(f"{len(refused)} of {len(_CliState.sweep_jobs)} sweep jobs were refused and left as "
+                              f"they were (first: {first}: {why})")
     except (Exception, RunRefused) as exc:
         if full_error:
             raise

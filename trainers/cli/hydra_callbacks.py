@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from trainers.core.errors import RunRefused, UserError
 from trainers.core.lock import claim_dir, lock_dir, unlock_dir
 from trainers.loop.metrics_log import has_results
-from trainers.reports.sweep import collect_sweep, format_table, write_summary
+from trainers.reports.sweep import SUMMARY_METRICS, collect_sweep, format_table, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,43 @@ class RunDirGuard(Callback):
             raise RunRefused(f"sweep directory {sweep_dir} already holds results (e.g. {used[0].name}/); pass "
                              f"resume=auto to continue that sweep or choose another hydra.sweep.dir")
         claim_dir(sweep_dir)
+        multirun_yaml = sweep_dir / MULTIRUN_YAML  # Hydra rewrites it next: back if every job is refused
+        _REMEMBERED_SWEEP[str(sweep_dir.resolve())] = multirun_yaml.read_bytes() if multirun_yaml.is_file() else None
         for job_dir in used:  # Hydra rewrites .hydra/ before a job can check its checkpoint: keep the old files
             backup_hydra_files(job_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        unlock_dir(Path(config.hydra.sweep.dir))  # after the summary (Hydra calls end hooks in reverse order)
+        # after the summary (Hydra calls end hooks in reverse order)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        previous = _REMEMBERED_SWEEP.pop(str(sweep_dir.resolve()), False)
+        for job_dir, size in _PENDING_LOGS.items():  # later jobs' launch lines went into a refused job's main.log
+            _restore_log(Path(job_dir) / LOG_FILE, size)
+        _PENDING_LOGS.clear()
+        refused = all_refused()
+        if previous is not False and refused:
+            path = sweep_dir / MULTIRUN_YAML
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(previous)
+        unlock_dir(sweep_dir, refused=refused)
+
+
+def all_refused() -> bool:
+    """True if this process launched sweep jobs and every one of them was refused."""
+    from trainers.cli.app import sweep_jobs
+
+    jobs = sweep_jobs()
+    return bool(jobs) and all(why is not None for why in jobs.values())
 
 
 HYDRA_BACKUP = ".hydra.before-resume"
 LOG_FILE = "main.log"
 LOG_SIZE = "main.log.size"  # inside HYDRA_BACKUP: main.log's size before the resumed job
 _REMEMBERED: dict[str, tuple[dict[str, bytes] | None, int | None]] = {}
+MULTIRUN_YAML = "multirun.yaml"
+_REMEMBERED_SWEEP: dict[str, bytes | None] = {}  # sweep folder -> multirun.yaml before this launch
+_PENDING_LOGS: dict[str, int | None] = {}  # refused sweep job folder -> main.log size to restore at the sweep's end
 
 
 def remember_run_files(run_dir: Path) -> None:
@@ -138,7 +164,8 @@ def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
         if size_file.is_file():
             size = size_file.read_text().strip()
             size_file.unlink()
-            _restore_log(Path(run_dir) / LOG_FILE, int(size) if size.isdigit() else None)
+            _PENDING_LOGS[str(run_dir)] = int(size) if size.isdigit() else None
+            _restore_log(Path(run_dir) / LOG_FILE, _PENDING_LOGS[str(run_dir)])
         shutil.rmtree(Path(run_dir) / ".hydra", ignore_errors=True)
         backup.rename(Path(run_dir) / ".hydra")
     else:
@@ -157,9 +184,22 @@ class SweepSummary(Callback):
         if not rows:
             log.warning("no job folders found under %s: no summary written", sweep_dir)
             return
-        path = write_summary(sweep_dir, rows)
-        failed = sum(r["status"] != "completed" for r in rows)
-        print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)
+        from trainers.cli.app import sweep_jobs
+
+        refused = {str(Path(job).resolve()): why for job, why in sweep_jobs().items() if why is not None}
+        for row in rows:  # a refused job's folder still holds its earlier results: this launch did not produce them
+            why = refused.get(str((sweep_dir / row["job"]).resolve()))
+            if why is not None:
+                row.update({k: None for k in SUMMARY_METRICS}, status="refused", error=why)
+        failed = sum(r["status"] not in ("completed", "refused") for r in rows)
+        counts = f"{len(rows)} jobs, {failed} failed" + (f", {len(refused)} refused" if refused else "")
+        if all_refused():  # nothing of this launch ran: the sweep folder stays as it was
+            where = "nothing written"
+        else:
+            where = str(write_summary(sweep_dir, rows))
+        print(f"\nSweep summary ({counts}): {where}\n{format_table(rows)}", flush=True)
+        if all_refused():
+            return
         from trainers.methods.sora_report import plot_sweep
 
         plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep

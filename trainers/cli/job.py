@@ -73,6 +73,7 @@ def run_job(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     status: dict[str, Any] = {"may_write": False}
+    refusal = "interrupted before it started"
     try:
         if is_main_process():  # held since RunDirGuard.on_run_start in a single run; a sweep job locks here
             lock_dir(run_dir, "choose another hydra.run.dir / hydra.sweep.dir")
@@ -94,6 +95,8 @@ def run_job(cfg: DictConfig) -> float:
         record_failure(run_dir, exc, status)
         from trainers.cli.app import format_error, report_failure
 
+        refusal = format_error(exc)
+
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("job %s failed: %s", hydra_cfg.job.num, format_error(exc))
             return float("nan")
@@ -106,7 +109,10 @@ def run_job(cfg: DictConfig) -> float:
 
         owned = bool(status.get("may_write"))  # False: refused; everything in the folder goes back as it was
         if hydra_cfg.mode == RunMode.MULTIRUN:  # a resumed sweep job: keep or restore the earlier .hydra/ files
+            from trainers.cli.app import note_sweep_job
+
             settle_hydra_files(run_dir, keep_new=owned)
+            note_sweep_job(str(run_dir), None if owned else refusal)
         elif owned:
             forget_run_files(run_dir)
         else:

@@ -8,6 +8,7 @@ The ``adapter`` and ``schedule`` groups are declared and checked by their plug-i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -156,6 +157,7 @@ def validate_config(cfg: DictConfig) -> None:
     trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
 
+    _check_finite(checked)
     _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")
     method.check(checked)
     schedule.check(checked, method.stage_params)
@@ -192,6 +194,19 @@ def validate_config(cfg: DictConfig) -> None:
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume
     _require(resume is None or isinstance(resume, str), f"resume must be null, auto or a path (got {resume!r})")
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """Every number of the config (except user callbacks' arguments) must be finite: inf / nan are refused."""
+    from trainers.loop.checkpoint import config_fingerprint
+
+    for key, value in config_fingerprint(without_hydra(cfg)).items():
+        if key.startswith("trainer.callbacks."):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number (got {value})")
+        if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise UserError(f"{key} must hold finite numbers (got {value})")
 
 
 def _check_causal_lm(dataset: DictConfig) -> None:

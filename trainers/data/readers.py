@@ -168,9 +168,18 @@ class ClassificationData:
 
 
 def tokenize(rows: Rows, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-    """Tokenise without padding (batches are padded dynamically by :func:`make_collator`)."""
+    """Tokenise without padding (batches are padded dynamically by :func:`make_collator`).
+
+    UserError if ``max_length`` leaves no room for text: it must be at least the tokenizer's special tokens
+    plus one token per text (below that, transformers would not truncate at all)."""
     if not rows:
         return []
+    pair = isinstance(rows[0][0], tuple | list)
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+    minimum = specials + (2 if pair else 1)
+    if max_length < minimum:
+        raise UserError(f"dataset.max_seq_length={max_length} leaves no room for text: the tokenizer adds {specials} "
+                        f"special token(s) per example{' (a sentence pair)' if pair else ''}; use at least {minimum}")
     encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=max_length)
     keys = list(encoded.keys())
     return [{**{k: encoded[k][i] for k in keys}, "labels": label} for i, (_, label) in enumerate(rows)]
