@@ -65,3 +65,28 @@ def test_max_seq_length_must_leave_room_for_text():
     with pytest.raises(UserError, match=pair_message):
         tokenize(pair, tokenizer, 4)
     assert len(tokenize(pair, tokenizer, 5)[0]["input_ids"]) == 5
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("os.system", "trainer.callbacks.bad: os.system is not a class"),
+    ("collections.OrderedDict", "trainer.callbacks.bad: collections.OrderedDict is not a "
+                                "trainers.loop.hooks.TrainerCallback subclass"),
+    ("no_such_module.Thing", "trainer.callbacks.bad: no_such_module.Thing is not a class"),
+])
+def test_callback_targets_are_checked_before_they_are_called(target, message, tmp_path):
+    from trainers.experiments.session import user_callbacks
+
+    marker = tmp_path / "called"
+    cfg = make([f"+trainer.callbacks.bad._target_={target}", f"+trainer.callbacks.bad._args_=['touch {marker}']"])
+    with pytest.raises(UserError) as info:
+        user_callbacks(cfg)
+    assert str(info.value).startswith(message)
+    assert not marker.exists()  # os.system was never called
+
+
+def test_a_callback_class_is_built():
+    from trainers.experiments.session import user_callbacks
+    from trainers.loop.hooks import TrainerCallback
+
+    built = user_callbacks(make(["+trainer.callbacks.ok._target_=trainers.loop.hooks.TrainerCallback"]))
+    assert len(built) == 1 and type(built[0]) is TrainerCallback
