@@ -93,3 +93,69 @@ def test_a_bad_label_is_one_line_from_the_cli(tmp_path):
     sst2(tmp_path / "data", SST2_HEADER + "ok\t1\nnice\tpositive\n")
     proc = run_main(TINY + [f"data_root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, f"{tmp_path / 'data' / 'sst2' / 'train.tsv'}, line 3: unknown label 'positive'")
+
+
+def cifar(root: Path, protocol: int) -> Path:
+    import pickle
+
+    import numpy as np
+
+    base = root / "cifar100" / "cifar-100-python"
+    base.mkdir(parents=True)
+    for split, n in (("train", 6), ("test", 4)):
+        data = np.arange(n * 3072, dtype=np.int64).astype(np.uint8).reshape(n, 3072)
+        (base / split).write_bytes(pickle.dumps({"data": data, "fine_labels": list(range(n))}, protocol=protocol))
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}, protocol=protocol))
+    return base
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 2: as the official files; 4, 5: numpy 2's own reductions
+def test_cifar100_pickles_with_numpy_arrays_load(tmp_path, protocol):
+    import numpy as np
+
+    from trainers.data.continual import _read_cifar100
+
+    cifar(tmp_path, protocol)
+    train, test, names = _read_cifar100(tmp_path / "cifar100")
+    assert names[:2] == ["c0", "c1"] and len(train) == 6 and len(test) == 4
+    image, label = train[1]
+    expected = (np.arange(3072, 2 * 3072) % 256).astype(np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
+    assert label == 1 and np.array_equal(image, expected)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["meta", "train"])
+def test_cifar100_crafted_pickle_is_refused_without_running_it(tmp_path, name):
+    import pickle
+
+    from trainers.data.continual import _read_cifar100
+
+    base = cifar(tmp_path, 2)
+    marker = tmp_path / "ran"
+    (base / name).write_bytes(pickle.dumps({"fine_label_names": _RunsCode(marker), "data": _RunsCode(marker)}))
+    with pytest.raises(UserError) as info:
+        _read_cifar100(tmp_path / "cifar100")
+    assert str(info.value).startswith(f"{base / name}: not a CIFAR-100 python file (refusing to load ")
+    assert "system" in str(info.value) and not marker.exists()
+
+
+def test_cifar100_label_out_of_range(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from trainers.data.continual import _read_cifar100
+
+    base = cifar(tmp_path, 2)
+    (base / "test").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "fine_labels": [3, 100]}))
+    with pytest.raises(UserError, match="fine_labels\\[1\\] = 100 is not a class index 0..99"):
+        _read_cifar100(tmp_path / "cifar100")
