@@ -77,17 +77,24 @@ class PoisonAtRunEnd(TrainerCallback):
 
 
 class PauseAtStart(TrainerCallback):
-    """Creates the file ``flag`` when training starts, then sleeps ``seconds`` (a run that is busy in its folder)."""
+    """Creates the file ``flag`` when training starts, then waits until the file ``release`` exists or a SIGTERM
+    asked the run to stop (at most ``seconds``): a run that is busy in its folder."""
 
-    def __init__(self, flag: str, seconds: float = 5.0) -> None:
-        self.flag, self.seconds = flag, float(seconds)
+    def __init__(self, flag: str, seconds: float = 5.0, release: str | None = None) -> None:
+        self.flag, self.seconds, self.release = flag, float(seconds), release
 
     def on_train_begin(self, trainer: Any) -> None:
         import time
         from pathlib import Path
 
+        from trainers.core.signals import stop_requested
+
         Path(self.flag).write_text("started")
-        time.sleep(self.seconds)
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline and not (self.release and Path(self.release).exists()):
+            if stop_requested():
+                return
+            time.sleep(0.05)
 
 
 class SignalAt(TrainerCallback):

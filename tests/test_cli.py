@@ -51,6 +51,7 @@ def finished_run(tmp_path_factory) -> Path:
     (["model=roberta-base"], ["cannot load tokenizer 'FacebookAI/roberta-base'", "network access"]),
     (["adapter.r=[1"], ["cannot parse the override 'adapter.r=[1'"]),
     (["trainer.base_lr=inf"], ["trainer.base_lr must be a finite number (got inf)"]),
+    (["model=smollm2"], ["model smollm2 is a causal LM", "dataset=english_quotes"]),
     (["dataset.max_seq_length=1"], ["dataset.max_seq_length=1 leaves no room for text", "use at least 3"]),
 ])
 def test_bad_input_is_one_line(args, fragments, tmp_path):

@@ -57,11 +57,12 @@ def test_sigterm_checkpoints_the_step_and_the_printed_command_resumes_exactly(tm
 
 
 def start_paused(run_dir: Path, flag: Path) -> subprocess.Popen:
-    """A run that waits in on_train_begin (inside the training loop) until it is signalled."""
+    """A run that waits in on_train_begin (inside the training loop) until it is signalled (SIGTERM ends the
+    wait and the run stops after its first step; SIGINT raises KeyboardInterrupt in the wait)."""
     proc = subprocess.Popen(
         [sys.executable, str(MAIN), *TINY, f"hydra.run.dir={run_dir}",
          "+trainer.callbacks.pause._target_=_fault_helpers.PauseAtStart", f"+trainer.callbacks.pause.flag={flag}",
-         "+trainer.callbacks.pause.seconds=3"],
+         "+trainer.callbacks.pause.seconds=200"],
         cwd=REPO, env=cli_env(**TESTS_ON_PATH), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not flag.exists():

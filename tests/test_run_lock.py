@@ -85,11 +85,11 @@ def test_second_sweep_into_a_locked_sweep_folder_is_refused(tmp_path, holder):
 
 def test_two_runs_into_one_folder(tmp_path):
     """The issue's case: lora and dora started into one folder both exited 0 and mixed their files."""
-    run_dir, flag = tmp_path / "run", tmp_path / "started"
+    run_dir, flag, release = tmp_path / "run", tmp_path / "started", tmp_path / "release"
     first = subprocess.Popen(
         [sys.executable, str(REPO / "main.py"), *TINY, "adapter=lora", f"hydra.run.dir={run_dir}",
          "+trainer.callbacks.pause._target_=_fault_helpers.PauseAtStart", f"+trainer.callbacks.pause.flag={flag}",
-         "+trainer.callbacks.pause.seconds=4"],
+         "+trainer.callbacks.pause.seconds=200", f"+trainer.callbacks.pause.release={release}"],
         cwd=REPO, env=cli_env(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
@@ -101,6 +101,7 @@ def test_two_runs_into_one_folder(tmp_path):
         assert_one_line_error(second, f"is in use by another run (pid {first.pid} on host")
         assert len(stderr_lines(second)) == 1
     finally:
+        release.write_text("go on")  # the first run waits in its first hook until the second one was refused
         out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert "name: lora" in (run_dir / ".hydra" / "config.yaml").read_text()

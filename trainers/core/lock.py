@@ -64,6 +64,8 @@ def lock_dir(folder: Path, hint: str) -> bool:
     if fcntl is None or _key(folder) in _HELD:
         return False
     made_folder = not folder.exists()
+    if not made_folder and not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{folder} is not writable by this user; make it writable or {hint}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK_FILE
