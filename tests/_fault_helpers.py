@@ -124,3 +124,15 @@ class KillAtTaskStart(TrainerCallback):
 
         if trainer.run_dir.name == f"task_{self.task}":
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonWeightsAt(TrainerCallback):
+    """Writes an infinity into one adapter weight right after optimizer step ``step`` (before its checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.state.global_step == self.step:
+            with torch.no_grad():
+                trainer.trainable[0].view(-1)[0] = float("inf")

@@ -119,6 +119,17 @@ def test_nan_evaluation_loss_is_a_failure(tmp_path):
     assert not list_checkpoints(tmp_path) and not (tmp_path / "metrics.json").exists()
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = make(["+trainer.callbacks.nan._target_=_fault_helpers.PoisonWeightsAt", "+trainer.callbacks.nan.step=2",
+                "trainer.save_every_steps=1"])
+    with pytest.raises(NonFiniteError, match="training stopped at step 2: non-finite weights in ") as info:
+        train_run(cfg, tmp_path)
+    assert info.value.details["step"] == 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert_checkpoints_finite(tmp_path)
+
+
 def test_non_finite_weights_are_never_exported(tmp_path):
     cfg = make(["+trainer.callbacks.nan._target_=_fault_helpers.PoisonAtRunEnd"])
     with pytest.raises(NonFiniteError, match="not exporting the adapter"):

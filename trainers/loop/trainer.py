@@ -405,8 +405,8 @@ class Trainer:
         name = name or ckpt.step_name(step)
         bad = nonfinite_names(adapter_state_dict(self.model))
         if bad:  # never save weights no resume could use
-            raise self._nonfinite(step, f"non-finite weights in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1
-                                                                             else ""))
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise self._nonfinite(step, f"non-finite weights in {bad[0]}{more}")
         self._flush_running()
         self.state.metrics_lines = self.writer.num_lines
         state = dataclasses.asdict(self.state)
