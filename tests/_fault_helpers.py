@@ -136,3 +136,23 @@ class PoisonWeightsAt(TrainerCallback):
         if trainer.state.global_step == self.step:
             with torch.no_grad():
                 trainer.trainable[0].view(-1)[0] = float("inf")
+
+
+class DiskFullAt(TrainerCallback):
+    """At optimizer step ``step``: makes every log file handler fail (as on a full disk), then raises ENOSPC as a
+    checkpoint write would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_step_end(self, trainer: Any) -> None:
+        import errno
+        import logging
+
+        if trainer.state.global_step != self.step:
+            return
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+                handler.stream.close()  # every later log line fails to write
+        logging.getLogger(__name__).warning("a log line the full disk cannot take")
+        raise OSError(errno.ENOSPC, "No space left on device", str(trainer.run_dir / "checkpoints"))

@@ -147,3 +147,18 @@ def test_policy_values_are_checked(override, message):
 
     with pytest.raises(UserError, match=message.replace("(", "\\(").replace(")", "\\)")):
         validate_config(make([override]))
+
+
+def test_disk_full_is_one_line(tmp_path):
+    """A full disk: one line saying so (no logging tracebacks), the run recorded as failed where possible."""
+    from _trainer_helpers import REPO
+
+    proc = run_main(CLI_TINY + ["+trainer.callbacks.full._target_=_fault_helpers.DiskFullAt",
+                                "+trainer.callbacks.full.step=2", f"hydra.run.dir={tmp_path}"],
+                    PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    assert proc.returncode == 1
+    lines = stderr_lines(proc)
+    assert lines == [f"error: no space left on device while writing {tmp_path / 'checkpoints'}; free some space, "
+                     f"then continue with resume=auto and the same hydra.run.dir (checkpoints are written "
+                     f"atomically: the last complete one is kept)"], proc.stderr
+    assert read_json(tmp_path / "metrics.json")["status"] == "failed"

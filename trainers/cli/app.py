@@ -5,6 +5,8 @@ Kept free of torch/transformers imports so that config errors and ``--help`` are
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -43,6 +45,10 @@ def format_error(exc: BaseException) -> str:
 
     if isinstance(exc, UserError | RunRefused):
         return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return (f"no space left on device{where}; free some space, then continue with resume=auto and the same "
+                f"hydra.run.dir (checkpoints are written atomically: the last complete one is kept)")
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         missing = exc.missing_cfg_file or ""
         group, _, option = missing.rpartition("/")
@@ -110,6 +116,8 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         if not is_main:
             sys.argv.extend(NON_MAIN_OVERRIDES)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so the error is reported here
+    if not full_error:  # a log file that cannot be written (disk full) must not print tracebacks of its own
+        logging.raiseExceptions = False
     _CliState.active, _CliState.full_error, _CliState.failure = True, full_error, None
     _CliState.resume_hint = None
     _CliState.sweep_jobs = {}

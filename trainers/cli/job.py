@@ -31,9 +31,12 @@ def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) 
             return
     except Exception:
         pass
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     details = getattr(error, "details", {})  # e.g. the step and reason of a non-finite stop
-    write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500], **details})
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500], **details})
+    except OSError as exc:  # e.g. the disk is full: the original error is what the user must see
+        log.debug("could not write metrics.json: %s", exc)
 
 
 def record_interrupt(run_dir: Path, exc: BaseException, status: dict[str, Any]) -> None:
