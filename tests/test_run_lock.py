@@ -107,3 +107,14 @@ def test_two_runs_into_one_folder(tmp_path):
     assert "name: lora" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert read_json(run_dir / "metrics.json")["status"] == "completed"
     assert read_json(run_dir / "adapter" / "adapter_config.json")["use_dora"] is False
+
+
+def test_a_read_only_folder_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """(As root every folder is writable, so the permission check is simulated.)"""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    with pytest.raises(UserError, match=f"^{folder} is not writable by this user; make it writable or hint$"):
+        lock_dir(folder, "hint")
+    assert list(folder.iterdir()) == []
