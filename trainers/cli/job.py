@@ -43,10 +43,15 @@ def record_interrupt(run_dir: Path, exc: BaseException, status: dict[str, Any]) 
     """Write ``metrics.json`` with status interrupted (signal, step and checkpoint where known), where that is safe."""
     if not status.get("may_write") or not is_main_process():
         return
-    record: dict[str, Any] = {"status": "interrupted", "signal": getattr(exc, "signal", "SIGINT")}
-    if getattr(exc, "step", None) is not None:
-        record.update(step=exc.step, checkpoint=exc.checkpoint)  # type: ignore[attr-defined]
-    write_metrics_json(run_dir, record)
+    record: dict[str, Any] = {"status": "interrupted", "signal": "SIGINT"}
+    if isinstance(exc, RunInterrupted):
+        record["signal"] = exc.signal
+        if exc.step is not None:
+            record.update(step=exc.step, checkpoint=exc.checkpoint)
+    try:
+        write_metrics_json(run_dir, record)
+    except OSError as error:
+        log.debug("could not write metrics.json: %s", error)
 
 
 def resume_hint(run_dir: Path, hydra_cfg: Any) -> str:
