@@ -162,3 +162,17 @@ def test_disk_full_is_one_line(tmp_path):
                      f"then continue with resume=auto and the same hydra.run.dir (checkpoints are written "
                      f"atomically: the last complete one is kept)"], proc.stderr
     assert read_json(tmp_path / "metrics.json")["status"] == "failed"
+
+
+def test_a_stopped_run_resumes_past_the_bad_step_with_skip_step(tmp_path):
+    """The workflow the error message suggests: the run stopped at a bad step, the last good checkpoint is kept;
+    resuming it with trainer.on_nonfinite=skip_step (a key that may change on resume) skips that step and ends."""
+    poison = ["+trainer.callbacks.nan._target_=_fault_helpers.NanLossAt", "+trainer.callbacks.nan.steps=[3]",
+              "trainer.save_every_steps=1"]
+    with pytest.raises(NonFiniteError):
+        train_run(make(poison), tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "step-00000002"
+    result = train_run(make(poison + ["trainer.on_nonfinite=skip_step", "resume=auto"]), tmp_path)
+    assert result["status"] == "completed" and result["global_step"] == 6 and result["skipped_steps"] == 1
+    assert read_json(tmp_path / "metrics.json")["status"] == "completed"
+    assert_checkpoints_finite(tmp_path)
