@@ -46,3 +46,17 @@ def test_resume_inside_a_task_checks_that_tasks_checkpoint(tmp_path):
     assert_one_line_error(refused, f"checkpoint {tmp_path / 'tasks' / 'task_0' / 'checkpoints'}",
                           "trainer.weight_decay=0.01 -> 0.5")
     assert snapshot(tmp_path) == before
+
+
+def test_sigterm_in_a_continual_run_then_resume(tmp_path):
+    proc = run_main(TINY_CL + ["+trainer.callbacks.term._target_=_fault_helpers.SignalAt",
+                               "+trainer.callbacks.term.step=1", f"hydra.run.dir={tmp_path}"], **TESTS_ON_PATH)
+    assert proc.returncode == 143, proc.stderr
+    checkpoint = tmp_path / "tasks" / "task_0" / "checkpoints" / "step-00000002"  # seen at step 2's check
+    assert read_json(tmp_path / "metrics.json") == {"status": "interrupted", "signal": "SIGTERM", "step": 2,
+                                                    "checkpoint": str(checkpoint)}
+    assert f"the run folder is {tmp_path}; continue with: python main.py " in proc.stderr
+    resumed = run_main(TINY_CL + ["resume=auto", f"hydra.run.dir={tmp_path}"])
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["status"] == "completed" and [len(row) for row in metrics["acc_matrix"]] == [1, 2, 3]
