@@ -27,8 +27,10 @@ def is_main_process() -> bool:
 class RunDirGuard(Callback):
     """Refuse to start in a folder that holds an earlier run's results before Hydra writes anything there.
 
-    A single run checks its run directory (and, with resume, that the checkpoint fits the config); a
-    sweep without ``resume`` refuses a sweep directory whose jobs already hold results.
+    A single run first takes the folder's exclusive lock (``trainers.core.lock``), then checks its run
+    directory (and, with resume, that the checkpoint fits the config) and remembers the files Hydra is about
+    to rewrite, so that a resume refused later leaves them as they were. A sweep locks its sweep directory
+    and, without ``resume``, refuses one whose jobs already hold results.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
