@@ -243,7 +243,8 @@ def tokenize(rows: Rows, tokenizer: Any, max_length: int) -> list[dict[str, Any]
     if not rows:
         return []
     pair = isinstance(rows[0][0], tuple | list)
-    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)  # transformers tokenizers have it
+    specials = int(count(pair=pair)) if callable(count) else 0
     minimum = specials + (2 if pair else 1)
     if max_length < minimum:
         raise UserError(f"dataset.max_seq_length={max_length} leaves no room for text: the tokenizer adds {specials} "
