@@ -264,6 +264,7 @@ def _check_own_data(dataset: DictConfig) -> None:
     for key in required:
         _require(bool(dataset[key]), f"dataset={dataset.name} needs dataset.{key}")
 
+
 def _check_finite(cfg: DictConfig) -> None:
     """Every number of the config (except user callbacks' arguments) must be finite: inf / nan are refused."""
     from trainers.loop.checkpoint import config_fingerprint
@@ -276,9 +277,6 @@ def _check_finite(cfg: DictConfig) -> None:
         if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
             raise UserError(f"{key} must hold finite numbers (got {value})")
 
-
-@dataclass
-class AnalysisSchema
 
 def _check_causal_lm(dataset: DictConfig) -> None:
     for key in ("eval_size", "max_new_tokens"):
