@@ -132,10 +132,11 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"corrupt {path}: {exc}") from None
 
 
-def _check_resume(run_dir: Path, state: dict[str, Any], cfg: DictConfig) -> None:
+def _check_resume(run_dir: Path, state: dict[str, Any], cfg: DictConfig, running_cfg: DictConfig) -> None:
     """UserError unless ``cfg`` may continue the run in ``run_dir``: the same rule as a single run's checkpoints
     (``trainers.loop.checkpoint.config_differences``), at a task boundary (the config saved with the tasks
-    done) and inside a task (that task's newest checkpoint)."""
+    done) and inside a task (that task's newest checkpoint, written with ``running_cfg``: the method's config of
+    that task, e.g. SD-LoRA's first-task epochs and lr)."""
     from trainers.loop import checkpoint as ckpt
 
     current = ckpt.config_fingerprint(cfg)
@@ -151,7 +152,7 @@ def _check_resume(run_dir: Path, state: dict[str, Any], cfg: DictConfig) -> None
                             f"{'; '.join(diffs[:3])}{more}; repeat the original overrides to resume")
     running = ckpt.latest_checkpoint(_task_dir(run_dir, len(state["tasks"])))
     if running is not None:
-        ckpt.check_compatible(running, cfg)
+        ckpt.check_compatible(running, running_cfg)
 
 
 def _evaluate_tasks(trainer: Any, data: Any, upto: int, collate: Any,
@@ -221,7 +222,7 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
     state = _load_state(run_dir) if resume == "auto" else {"tasks": [], "wall_time_s": 0.0}
     done = len(state["tasks"])
     if resume == "auto":  # before anything is written: a refused resume leaves the run as it was
-        _check_resume(run_dir, state, cfg)
+        _check_resume(run_dir, state, cfg, session.method.task_config(cfg, done))
     log.info("continual %s on %s: %d tasks of %s classes%s, %d modules wrapped, %d tasks already done",
              cfg.adapter.name, cfg.model.name, len(train_tasks), [len(t) for t in train_tasks],
              " (joint)" if cfg.dataset.joint else "", len(wrapped), done)
