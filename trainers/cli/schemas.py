@@ -88,6 +88,15 @@ class TrainerSchema:
 
 
 @dataclass
+class LoggerSchema:
+    """The ``logger`` group: an experiment tracker through accelerate (trainers/loop/trackers.py)."""
+
+    name: str = MISSING
+    project: str = MISSING
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RootSchema:
     seed: int = MISSING
     sparse_lambda: float = MISSING
@@ -98,6 +107,7 @@ class RootSchema:
     dataset: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING
+    logger: Any = MISSING
 
 
 # datasets whose keys differ from DatasetSchema (by dataset.name)
@@ -105,6 +115,7 @@ DATASET_SCHEMAS: dict[str, type] = {"english_quotes": CausalLMDatasetSchema,
                                     **{name: ContinualDatasetSchema
                                        for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}}
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+TRACKERS = ("none", "csv", "tensorboard", "wandb", "mlflow")  # logger.name (packages: trainers/loop/trackers.py)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -151,6 +162,9 @@ def validate_config(cfg: DictConfig) -> None:
     schedule = get_schedule(schedule_name)
     schedule_cfg = _check_keys(cfg.schedule, schedule.schema, "schedule")
     trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
+    logger = _check_keys(cfg.logger, LoggerSchema, "logger")
+    _require(logger.name in TRACKERS, f"logger.name must be one of {', '.join(TRACKERS)} (got {logger.name!r})")
+    _require(bool(logger.project.strip()), "logger.project must not be empty")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
 
     _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")

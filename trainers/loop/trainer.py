@@ -280,6 +280,7 @@ class Trainer:
         for callback in self.callbacks:
             record.update(callback.log_values(self))
         self.writer.log(record)
+        self._call("on_log", record)
         self.state.running = {}
         return record
 
@@ -291,7 +292,9 @@ class Trainer:
         metrics = self.evaluate()
         self.state.last_eval_step = self.state.global_step
         self.state.last_eval = dict(metrics)
-        self.writer.log({"step": self.state.global_step, "split": "eval", **metrics})
+        record = {"step": self.state.global_step, "split": "eval", **metrics}
+        self.writer.log(record)
+        self._call("on_log", record)
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log.info("eval at step %d: %s", self.state.global_step, shown)
