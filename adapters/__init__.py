@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .base import AdapterLayer, adapter_layers, lora_scaling
 from .dora import DoraLinear
-from .export import export_peft
+from .export import export_peft, peft_task_type
 from .gumbel import (
     GumbelLinear,
     add_gumbel_task,
@@ -54,6 +54,7 @@ __all__ = [
     "effective_ranks",
     "entropy",
     "export_peft",
+    "peft_task_type",
     "find_head",
     "find_targets",
     "gumbel_active_tasks",

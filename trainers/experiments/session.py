@@ -163,8 +163,13 @@ class Session:
         return bool(self.accelerator.is_main_process)
 
     def build_model(self, data: Any) -> tuple[Any, list[str]]:
-        """The model with the method's adapter injected, and the wrapped module names."""
-        return self.objective.build_model(self.cfg.model, self.method.adapter_spec(self.cfg.adapter), data)
+        """The model with the method's adapter injected (its config naming the data's labels, when the data has
+        label names), and the wrapped module names."""
+        from trainers.experiments.export import set_label_names
+
+        model, wrapped = self.objective.build_model(self.cfg.model, self.method.adapter_spec(self.cfg.adapter), data)
+        set_label_names(model, getattr(data, "label_names", None))
+        return model, wrapped
 
     def callbacks(self, extra: list[TrainerCallback] | None = None,
                   tracker_prefix: str = "") -> list[TrainerCallback]:
@@ -203,11 +208,21 @@ class Session:
                        callbacks, self.started_at)
 
     def finish(self, model: Any, run_dir: Path, result: dict[str, Any]) -> None:
-        """Export the adapter and write ``metrics.json`` (main process), then wait for every process."""
-        from trainers.experiments.export import export_adapter
+        """Export the adapter (and with ``trainer.save_merged`` the merged model, unless the method's end-of-run
+        step wrote it) and write ``metrics.json`` (main process), then wait for every process."""
+        from trainers.experiments.export import MERGED_DIR, export_adapter, export_merged, model_card
 
         if self.is_main:
-            export_adapter(model, run_dir)
+            export_adapter(model, run_dir, self.cfg, self.tokenizer, result)
+            if self.cfg.trainer.get("save_merged", False):
+                merged = Path(run_dir) / MERGED_DIR
+                if (merged / "config.json").is_file():  # written by the method (SoRA: after pruning, checked)
+                    from adapters import peft_task_type
+
+                    card = model_card(self.cfg, Path(run_dir), result, peft_task_type(model), merged=True)
+                    (merged / "README.md").write_text(card, encoding="utf-8")
+                else:
+                    export_merged(model, run_dir, self.cfg, self.tokenizer, result)
             write_metrics_json(run_dir, result)
         step = int(result.get("global_step") or result.get("num_tasks") or 0)
         self.log_to_trackers({"split": "final", **result}, step)

@@ -37,7 +37,8 @@ OBJECTS_FILE = "training_state.pt"
 # Keys that may differ between a checkpoint and the run resuming it (they do not change the results).
 RESUME_FREE_KEYS = ("resume", "data_root", "trainer.eval_batch_size", "trainer.num_workers",
                     "trainer.save_every_steps", "trainer.keep_last_checkpoints", "trainer.log_every_steps",
-                    "trainer.eval_every_steps", "trainer.callbacks", "trainer.save_merged", "logger")
+                    "trainer.eval_every_steps", "trainer.callbacks", "trainer.save_merged", "logger",
+                    "model.hub_id")
 
 
 # --------------------------------------------------------------------------------------------- finding
