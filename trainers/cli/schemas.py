@@ -75,6 +75,8 @@ class TrainerSchema:
     weight_decay: float = MISSING
     betas: list[float] = MISSING
     warmup_ratio: float = MISSING
+    lr_scheduler: str = "linear"
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     max_grad_norm: float = MISSING
     grad_accum_steps: int = MISSING
     precision: str = MISSING
@@ -84,7 +86,7 @@ class TrainerSchema:
     keep_last_checkpoints: int = MISSING
     num_workers: int = MISSING
     save_merged: bool = MISSING
-    callbacks: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] | None = None
     eval_at_start: bool = False
 
 
@@ -196,6 +198,11 @@ def validate_config(cfg: DictConfig) -> None:
     _require(len(trainer.betas) == 2 and all(0 <= b < 1 for b in trainer.betas),
              f"trainer.betas must be two numbers in [0, 1) (got {list(trainer.betas)})")
     _require(0 <= trainer.warmup_ratio <= 1, f"trainer.warmup_ratio must be in [0, 1] (got {trainer.warmup_ratio})")
+    from trainers.loop.optimizers import check_scheduler
+
+    kwargs = OmegaConf.to_container(trainer.lr_scheduler_kwargs) if trainer.lr_scheduler_kwargs else None
+    problem = check_scheduler(trainer.lr_scheduler, kwargs)  # type: ignore[arg-type]
+    _require(problem is None, f"trainer.lr_scheduler {problem}")
     _require(trainer.precision in PRECISIONS,
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume

@@ -96,8 +96,14 @@ def _free(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)
 
 
+# Keys added after checkpoints were first written, with the value that gives the results of the time before:
+# a checkpoint without such a key matches a config that holds this value.
+ADDED_KEYS = {"trainer.lr_scheduler": "linear", "trainer.lr_scheduler_kwargs": None}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every key that matters for the results and differs."""
+    saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
     keys = sorted(k for k in set(saved) | set(current) if not _free(k))
     return [f"{k}={saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
             for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]

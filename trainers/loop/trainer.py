@@ -117,7 +117,8 @@ class Trainer:
             self._specs = self.optimizer_specs(self.model)
             self.optimizers = build_optimizers(self._specs)
         warmup = {spec.name: spec.warmup_ratio for spec in self._specs}
-        self.schedulers = {name: build_warmup_scheduler(opt, steps, float(warmup[name]))
+        kind, kwargs = self.tcfg.get("lr_scheduler", "linear"), self.tcfg.get("lr_scheduler_kwargs") or {}
+        self.schedulers = {name: build_warmup_scheduler(opt, steps, float(warmup[name]), kind, kwargs)
                            for name, opt in self.optimizers.items()}
         if resumed:  # optimizer states after the schedulers are built (building one resets the lr)
             objects = self._pending.pop("objects")
