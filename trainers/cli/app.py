@@ -80,6 +80,21 @@ def report_failure(exc: BaseException) -> bool:
     return True
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (e.g. ``kill``, a scheduler's time limit) interrupts like Ctrl-C, so the run records its status;
+    only where nothing else (e.g. a launcher) handles SIGTERM already."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_cli(hydra_main: Callable[[], Any]) -> None:
     """Run the ``@hydra.main`` function; print any error as ``error: <one line>`` and exit 1.
 
@@ -91,6 +106,7 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         is_main = _share_run_id()
         if not is_main:
             sys.argv.extend(NON_MAIN_OVERRIDES)
+    _sigterm_as_interrupt()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so the error is reported here
     _CliState.active, _CliState.full_error, _CliState.failure = True, full_error, None
     try:
@@ -102,8 +118,8 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         error = exc
     except KeyboardInterrupt:
         if is_main:
-            print("error: interrupted; continue the run with resume=auto and the same hydra.run.dir "
-                  "(or hydra.sweep.dir)", file=sys.stderr, flush=True)
+            print("error: interrupted (status: interrupted in the run folder's metrics.json); continue the run with "
+                  "resume=auto and the same hydra.run.dir (or hydra.sweep.dir)", file=sys.stderr, flush=True)
         sys.exit(130)
     if error is not None:
         if is_main:

@@ -30,6 +30,23 @@ def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) 
     write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500]})
 
 
+def record_interrupt(run_dir: Path, status: dict[str, Any]) -> None:
+    """Write ``metrics.json`` with status interrupted (and how to continue), where a failure could be written."""
+    if not status.get("may_write"):
+        return
+    try:
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return
+    except Exception:
+        pass
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_metrics_json(run_dir, {"status": "interrupted",
+                                 "error": f"interrupted; continue from the last checkpoint with resume=auto "
+                                          f"hydra.run.dir={run_dir} (sweeps: hydra.sweep.dir)"})
+
+
 def run_job(cfg: DictConfig) -> float:
     """The Hydra task: train into Hydra's output folder; return eval_accuracy for sweepers.
 
@@ -44,12 +61,18 @@ def run_job(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     status: dict[str, Any] = {"may_write": not has_results(run_dir)}
+    log.info("run folder: %s", run_dir)
     try:
         cfg = without_hydra(cfg)
         validate_config(cfg)  # before the heavy imports of a run, so config errors come back fast
         from trainers.experiments.single import train_run
 
         result = float(train_run(cfg, run_dir, status)["eval_accuracy"])
+        log.info("results in %s", run_dir)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli turns it into this)
+        record_interrupt(run_dir, status)
+        log.warning("interrupted: run folder %s; continue it with resume=auto hydra.run.dir=%s", run_dir, run_dir)
+        raise
     except Exception as exc:
         record_failure(run_dir, exc, status)
         from trainers.cli.app import format_error, report_failure
