@@ -40,6 +40,19 @@ class KillAt(TrainerCallback):
         return {}
 
 
+class FailInJob(TrainerCallback):
+    """Fails the run when training begins, in the sweep job numbered ``job`` only."""
+
+    def __init__(self, job: int) -> None:
+        self.job = int(job)
+
+    def on_train_begin(self, trainer: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().job.num == self.job:
+            raise RuntimeError(f"planned failure in job {self.job}")
+
+
 class Recorder(TrainerCallback):
     """Records the names of the hooks called, in order (the last instance is ``Recorder.last``)."""
 

@@ -6,13 +6,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainers.cli.schemas import validate_config
 from trainers.core.config import without_hydra
 from trainers.loop.metrics_log import write_metrics_json
 
 log = logging.getLogger(__name__)
+
+
+class TrialFailed(Exception):
+    """Raised by a failed job under a sweeper that records failed trials (optuna marks the trial failed)."""
+
+
+def reports_failed_trials(hydra_cfg: Any) -> bool:
+    """True for sweepers that catch a job's exception and record a failed trial (hydra-optuna-sweeper); the
+    basic sweeper would stop the sweep instead, so its failed jobs return NaN."""
+    target = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
+    return "optuna" in target.lower()
 
 
 def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) -> None:
@@ -50,8 +61,9 @@ def record_interrupt(run_dir: Path, status: dict[str, Any]) -> None:
 def run_job(cfg: DictConfig) -> float:
     """The Hydra task: train into Hydra's output folder; return eval_accuracy for sweepers.
 
-    In a multirun a failing job writes status failed and returns NaN so the sweep goes on; a single
-    run re-raises (the CLI prints one line and exits non-zero).
+    In a multirun a failing job writes status failed and returns NaN so the sweep goes on (under the optuna
+    sweeper it raises :class:`TrialFailed`, which optuna records as a failed trial); a single run re-raises
+    (the CLI prints one line and exits non-zero).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -78,7 +90,10 @@ def run_job(cfg: DictConfig) -> float:
         from trainers.cli.app import format_error, report_failure
 
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            log.error("job %s failed: %s", hydra_cfg.job.num, format_error(exc))
+            message = format_error(exc)
+            log.error("job %s failed: %s", hydra_cfg.job.num, message)
+            if reports_failed_trials(hydra_cfg):  # optuna: a failed trial, not a NaN score
+                raise TrialFailed(f"job {hydra_cfg.job.num} failed: {message}") from None
             return float("nan")
         if report_failure(exc):  # the CLI prints it as one line and exits 1
             log.debug("run failed", exc_info=exc)
