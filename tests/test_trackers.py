@@ -130,8 +130,12 @@ def test_missing_tracker_package_names_the_extra(monkeypatch):
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     train_run(make(["logger=wandb"]), tmp_path)
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    (record_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # one run, under the run folder
+    records = record_file.read_bytes()  # protobuf records: the keys are stored as plain text
+    for key in (b"train/loss", b"eval/eval_accuracy", b"final/eval_accuracy", b"adapter.r", b"lora-lab"):
+        assert key in records, key
 
 
 def test_mlflow_file_store(tmp_path, monkeypatch):
