@@ -105,6 +105,42 @@ def test_csv_tracker_drops_rows_an_interrupted_run_logged_after_its_checkpoint(t
         ("1", "1.0", ""), ("2", "2.0", ""), ("3", "30.0", "0.5")]
 
 
+def test_csv_tracker_resuming_a_continual_task_keeps_the_earlier_tasks(tmp_path):
+    first = trackers.CSVTracker()
+    first.configure(tmp_path, "csv")
+    first.start()
+    for task in (0, 1):
+        for step in (1, 2):
+            first.log({f"task_{task}/train/loss": float(step)}, step=step)
+        first.log({"task/steps": 2.0}, step=task)
+    resumed = trackers.CSVTracker()  # resumed inside task 1, from its checkpoint at step 1
+    resumed.configure(tmp_path, "csv")
+    resumed.start()
+    resumed.log({"task_1/train/loss": 20.0}, step=2)
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as fh:
+        rows = [{k: v for k, v in row.items() if v} for row in csv.DictReader(fh)]
+    assert rows == [{"step": "1", "task_0/train/loss": "1.0"}, {"step": "2", "task_0/train/loss": "2.0"},
+                    {"step": "0", "task/steps": "2.0"}, {"step": "1", "task_1/train/loss": "1.0"},
+                    {"step": "1", "task/steps": "2.0"}, {"step": "2", "task_1/train/loss": "20.0"}]
+
+
+def test_continual_run_logs_each_task_under_its_prefix(tmp_path):
+    from _trainer_helpers import run_main
+
+    run = tmp_path / "run"
+    proc = run_main(["dataset=clinc150_cl", "model=tiny-random-bert", "dataset.num_tasks=2",
+                     "dataset.max_train_per_class=4", "dataset.max_eval_per_class=2", "trainer.batch_size=16",
+                     "trainer.log_every_steps=2", "logger=csv", f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with (run / "csv" / "metrics.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = set(rows[0])
+    assert {"task_0/train/loss", "task_1/train/loss", "task_0/eval/eval_accuracy", "task_1/eval/eval_accuracy",
+            "task/steps", "final/acc_final", "final/forgetting"} <= columns
+    final = json.loads((run / "metrics.json").read_text())
+    assert float(rows[-1]["final/acc_final"]) == pytest.approx(final["acc_final"])
+
+
 def test_tracker_values_keep_numbers_only():
     record = {"step": 3, "split": "train", "stage": "train", "loss": 0.5, "flag": True, "bad": float("nan"), "n": 2}
     assert trackers.tracker_values(record, "task_1/") == {"task_1/train/loss": 0.5, "task_1/train/n": 2}

@@ -79,11 +79,17 @@ def log_with(name: str) -> Any:
     return CSVTracker() if name == "csv" else name
 
 
+def _namespace(key: str) -> str:
+    """``task_1/`` for ``task_1/train/loss`` (one trainer of a continual run), ``""`` for ``train/loss``."""
+    return key.rsplit("/", 2)[0] + "/" if key.count("/") >= 2 else ""
+
+
 class CSVTracker(GeneralTracker):
     """``<project_dir>/<project>/metrics.csv``: one row per logged step (``step`` then one column per key, empty
     where a row has no value) and ``hparams.json``; the file is rewritten atomically at every log.
 
-    A resumed run drops the rows from its first logged step on, so the file ends as the uninterrupted run's.
+    A resumed run drops the rows from its first logged step on (of the same key prefix, e.g. ``task_1/`` in a
+    continual run), so the file ends as the uninterrupted run's.
     """
 
     name = "csv"
@@ -120,8 +126,10 @@ class CSVTracker(GeneralTracker):
         assert self.folder is not None
         if self._fresh:  # first record of this process: forget what an interrupted run logged from here on
             self._fresh = False
+            spaces = {_namespace(k) for k in values}
             if step is not None:
-                self.rows = [r for r in self.rows if int(float(r["step"])) < step]
+                self.rows = [r for r in self.rows if int(float(r["step"])) < step
+                             or not spaces & {_namespace(k) for k in r if k != "step"}]
         self.rows.append({"step": step, **values})
         columns: dict[str, None] = {}
         for row in self.rows:
