@@ -11,6 +11,8 @@ import zipfile
 import pytest
 from _trainer_helpers import REPO, cli_env, read_json, run_main
 
+pytest.importorskip("setuptools", minversion="70.1")  # builds wheels by itself (no `wheel` package needed)
+
 ARGS = ["model=tiny-random-bert", "dataset.max_train_samples=16", "dataset.max_eval_samples=8", "trainer.batch_size=8"]
 
 
