@@ -151,6 +151,17 @@ def test_flat_hparams():
     assert flat == {"a.b": 1, "a.c": "[1, 2]", "a.d": "null", "a.e": "{}", "f": "x"}
 
 
+def test_a_tracker_that_cannot_start_is_one_line_error(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no server at http://nowhere\nmore detail")
+
+    monkeypatch.setattr(Accelerator, "init_trackers", broken)
+    with pytest.raises(UserError, match=r"^logger=csv could not start: no server at http://nowhere$"):
+        train_run(make(["logger=csv"]), tmp_path)
+
+
 def test_unknown_tracker_is_one_line_error():
     with pytest.raises(UserError, match=r"^logger.name must be one of none, csv, tensorboard, wandb, mlflow"):
         validate_config(make(["logger.name=comet"]))
@@ -177,8 +188,13 @@ def test_wandb_offline(tmp_path, monkeypatch):
 def test_mlflow_file_store(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    train_run(make(["logger=mlflow"]), tmp_path / "run")
-    assert list((tmp_path / "mlruns").rglob("eval_accuracy"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database store unless told so
+    metrics = train_run(make(["logger=mlflow", "logger.project=exp1"]), tmp_path / "run")
+    (run,) = [p for p in (tmp_path / "mlruns").glob("*/*") if (p / "metrics").is_dir()]
+    lines = (run / "metrics" / "eval" / "eval_accuracy").read_text().split()  # "<time> <value> <step>"
+    assert float(lines[-2]) == pytest.approx(metrics["eval_accuracy"]) and int(lines[-1]) == metrics["global_step"]
+    assert (run / "params" / "adapter.r").read_text() == "8"
+    assert (run / "tags" / "mlflow.runName").read_text() == "run"
 
 
 def test_trackers_are_documented():

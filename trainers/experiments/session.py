@@ -148,8 +148,11 @@ class Session:
 
             config = OmegaConf.to_container(cfg, resolve=True)
             assert isinstance(config, dict) and run_dir is not None
-            self.accelerator.init_trackers(str(cfg.logger.project), config=flat_hparams(config),
-                                           init_kwargs=tracker_init_kwargs(cfg, Path(run_dir)))
+            try:
+                self.accelerator.init_trackers(str(cfg.logger.project), config=flat_hparams(config),
+                                               init_kwargs=tracker_init_kwargs(cfg, Path(run_dir)))
+            except Exception as exc:  # e.g. no tracking server, a refused store, bad logger.init_kwargs
+                raise UserError(f"logger={cfg.logger.name} could not start: {first_line(exc)}") from None
         set_seed(int(cfg.seed))
         self.text = cfg.model.get("modality", "text") == "text"
         self.tokenizer = load_tokenizer(cfg.model) if self.text else None
