@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -180,9 +181,13 @@ def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     train_run(make(["logger=wandb"]), tmp_path)
     (record_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # one run, under the run folder
-    records = record_file.read_bytes()  # protobuf records: the keys are stored as plain text
-    for key in (b"train/loss", b"eval/eval_accuracy", b"final/eval_accuracy", b"adapter.r", b"lora-lab"):
-        assert key in records, key
+    keys = (b"train/loss", b"eval/eval_accuracy", b"final/eval_accuracy", b"adapter.r", b"lora-lab")
+    for _ in range(50):  # wandb's writer process may still be flushing the file when finish() returns
+        records = record_file.read_bytes()  # protobuf records: the keys are stored as plain text
+        if all(key in records for key in keys):
+            break
+        time.sleep(0.2)
+    assert [key for key in keys if key not in records] == []
 
 
 def test_mlflow_file_store(tmp_path, monkeypatch):
