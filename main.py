@@ -4,7 +4,8 @@
     python main.py adapter=sora sparse_lambda=0.4   # any config key can be overridden
     python main.py -m adapter=sora sparse_lambda=0.0,0.2,0.4   # a sweep: one folder per job + summary.csv
 
-Returns the final eval_accuracy, so Hydra sweepers (e.g. optuna) can optimise it.
+Returns the final eval_score (the task's main metric: accuracy for SST-2, Matthews correlation for CoLA, ...),
+so Hydra sweepers (e.g. optuna) can optimise it.
 """
 
 from __future__ import annotations

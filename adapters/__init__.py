@@ -6,14 +6,18 @@ Knows nothing of training: the trainers use only what is exported here.
 from __future__ import annotations
 
 from .base import AdapterLayer, adapter_layers, lora_scaling
+from .decomposition import decomposition_change, magnitude_direction, weight_decomposition
 from .dora import DoraLinear
 from .export import export_peft, peft_task_type
+from .full import FullLinear
 from .gumbel import (
     GumbelLinear,
     add_gumbel_task,
+    drop_zero_beta_tasks,
     entropy,
     gumbel_active_tasks,
     gumbel_betas,
+    gumbel_contributions,
     gumbel_sparsemax,
     gumbel_sparsity_loss,
     prune_gumbel_task,
@@ -29,6 +33,7 @@ from .model_ops import (
     merge_model,
     unmerge_model,
 )
+from .sdlora import SDLoraLinear, SharedMagnitudes, add_sdlora_task, sdlora_magnitudes
 from .sora import (
     SoraLinear,
     effective_ranks,
@@ -43,14 +48,20 @@ __all__ = [
     "HEAD_NAMES",
     "AdapterLayer",
     "DoraLinear",
+    "FullLinear",
     "GumbelLinear",
     "LoraEmbedding",
     "LoraLinear",
+    "SDLoraLinear",
+    "SharedMagnitudes",
     "SoraLinear",
     "adapter_layers",
     "adapter_state_dict",
     "add_gumbel_task",
+    "add_sdlora_task",
     "count_trainable_parameters",
+    "drop_zero_beta_tasks",
+    "decomposition_change",
     "effective_ranks",
     "entropy",
     "export_peft",
@@ -59,18 +70,22 @@ __all__ = [
     "find_targets",
     "gumbel_active_tasks",
     "gumbel_betas",
+    "gumbel_contributions",
     "gumbel_sparsemax",
     "gumbel_sparsity_loss",
     "is_gate_parameter",
     "load_adapter_state_dict",
     "lora_direction_parameters",
     "lora_scaling",
+    "magnitude_direction",
     "merge_model",
     "merge_sora_model",
     "prune_gumbel_task",
     "prune_sora_model",
+    "sdlora_magnitudes",
     "set_gumbel_tau",
     "summarize_gate_sparsity",
     "unmerge_model",
+    "weight_decomposition",
     "wrap_linears",
 ]

@@ -163,6 +163,18 @@ def low_rank_linear(
     return _LowRankLinearFn.apply(x, x_branch, base_layer.weight, base_layer.bias, lora_A, lora_B, gate, scaling)
 
 
+class SharedAdapterState(nn.Module):
+    """Adapter tensors shared by many layers of one model (e.g. SD-LoRA's per-task magnitudes).
+
+    Registered once on the model (not inside any layer), so optimizers and state dicts see them once;
+    ``adapter_state_dict`` always includes them. Its forward is the identity, so registering it on an
+    ``nn.Sequential`` (which calls every child in turn) changes nothing.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class AdapterLayer(nn.Module):
     """Base class: holds the frozen base layer, the rank, the scaling and the input dropout.
 
@@ -171,6 +183,7 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_name: str = "base"
+    trains_base: bool = False           # wrap_linears keeps the wrapped layer's own parameters trainable (full)
     mergeable: bool = True              # merge_model folds it into W (False: refused, e.g. a stochastic gate)
     peft_use_dora: bool | None = False  # PEFT's use_dora flag for this layer (None: fits either, e.g. embeddings)
 
@@ -232,9 +245,27 @@ class AdapterLayer(nn.Module):
             and not autocast_active(x.device.type)
         )
 
+    @classmethod
+    def setup_shared(cls, model: nn.Module, layers: list[AdapterLayer]) -> None:
+        """Called by ``wrap_linears`` once with every layer of this kind it just injected: where a method shares
+        tensors between layers, register them (a :class:`SharedAdapterState`) on ``model`` here. Default: nothing."""
+
     def delta_weight(self) -> torch.Tensor:
         """The dense (out, in) update this adapter adds to the base weight."""
         raise NotImplementedError
+
+    def initial_weight(self) -> torch.Tensor:
+        """W_0, the weight the layer computes with at initialisation (adapters start as a no-op: the base W)."""
+        if self.merged:
+            raise RuntimeError("the initial weight of a merged adapter is not kept; unmerge it first")
+        return self.base_layer.weight.detach()
+
+    def merged_weight(self) -> torch.Tensor:
+        """W_t, the weight the layer computes with now: W + delta_weight (detached)."""
+        if self.merged:
+            return self.base_layer.weight.detach()
+        with torch.no_grad():
+            return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
 
     def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
         """``(rank, tensors)`` in PEFT's LoRA format, keys relative to this module (``lora_A.weight``, ...).

@@ -10,8 +10,10 @@ from torch import nn
 
 from .base import AdapterLayer, replace_submodule
 from .dora import DoraLinear
+from .full import FullLinear
 from .gumbel import GumbelLinear
 from .lora import LoraEmbedding, LoraLinear
+from .sdlora import SDLoraLinear
 from .sora import SoraLinear
 
 ADAPTERS: dict[str, type[AdapterLayer]] = {
@@ -19,6 +21,8 @@ ADAPTERS: dict[str, type[AdapterLayer]] = {
     "dora": DoraLinear,
     "sora": SoraLinear,
     "gumbel": GumbelLinear,
+    "sdlora": SDLoraLinear,
+    "full": FullLinear,
 }
 # Module names that mark a task head: "all-linear" leaves them alone (they are trained in full
 # through ``modules_to_save`` instead), as PEFT does for the output layer.
@@ -150,8 +154,14 @@ def wrap_linears(
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             for pname, param in module.named_parameters():
-                if not pname.startswith("base_layer.") and not module.is_frozen_direction(pname):
+                own = not pname.startswith("base_layer.") or module.trains_base
+                if own and not module.is_frozen_direction(pname):
                     param.requires_grad_(True)
+    by_kind: dict[type[AdapterLayer], list[AdapterLayer]] = {}
+    for layer in layers.values():
+        by_kind.setdefault(type(layer), []).append(layer)
+    for kind, kind_layers in by_kind.items():  # tensors a method shares between layers, registered once
+        kind.setup_shared(model, kind_layers)
     saved = set(getattr(model, SAVED_ATTR, [])) | set(to_save)
     for name in saved:
         model.get_submodule(name).requires_grad_(True)

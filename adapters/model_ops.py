@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import adapter_layers, replace_submodule
+from .base import SharedAdapterState, adapter_layers, replace_submodule
 from .inject import SAVED_ATTR
 
 
@@ -47,6 +47,7 @@ def _adapter_keys(model: nn.Module) -> set[str]:
     state_keys = model.state_dict(keep_vars=True).keys()
     prefixes = [name + "." for name in adapter_layers(model)]
     saved = [name + "." for name in getattr(model, SAVED_ATTR, [])]
+    saved += [name + "." for name, m in model.named_modules() if isinstance(m, SharedAdapterState)]
     for key in state_keys:
         in_adapter = any(key.startswith(p) and not key.startswith(p + "base_layer.") for p in prefixes)
         if in_adapter or any(key.startswith(p) for p in saved):

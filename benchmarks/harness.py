@@ -65,6 +65,31 @@ def make_batch(
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def sst2_batches(tokenizer: Any, batch_size: int, count: int, max_len: int, device: torch.device,
+                 num_labels: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of real SST-2 training sentences with their natural lengths: a seeded sample of
+    ``batch_size * count`` sentences sorted by token length and cut into batches (as length-grouped
+    training batches are), each padded to its longest sentence (at most ``max_len`` tokens)."""
+    import random
+
+    root = data_root()
+    if root is None:
+        raise FileNotFoundError("SST-2 not found: set DATA_ROOT to the folder holding sst2/train.tsv")
+    sentences, labels = read_sst2(root / "sst2" / "train.tsv")
+    picked = random.Random(seed).sample(range(len(sentences)), batch_size * count)
+    encoded = [(tokenizer(sentences[i], truncation=True, max_length=max_len)["input_ids"], labels[i] % num_labels)
+               for i in picked]
+    encoded.sort(key=lambda pair: len(pair[0]))
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        padded = tokenizer.pad({"input_ids": [ids for ids, _ in chunk]}, return_tensors="pt")
+        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"],
+                 "labels": torch.tensor([label for _, label in chunk])}
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
 def data_root() -> Path | None:
     """The shared offline data folder: $DATA_ROOT, else ../shared/data beside the checkout."""
     for candidate in (os.environ.get("DATA_ROOT"), ROOT.parent / "shared" / "data"):

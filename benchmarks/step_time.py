@@ -26,7 +26,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from benchmarks.harness import (
     make_batch,
     minilm_path,
     peak_step_memory,
+    sst2_batches,
 )
 from benchmarks.inference import bench_inference, format_inference
 from benchmarks.trainer_overhead import bench_end_to_end, format_end_to_end
@@ -73,7 +74,7 @@ TARGETS = {  # issue 7: the goals, as (variant, reference, largest allowed ratio
 
 def bench_steps(
     base: nn.Module,
-    batch: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
     names: Iterable[str] = STEP_VARIANTS,
     rounds: int = 5,
     steps_per_round: int = 3,
@@ -87,14 +88,28 @@ def bench_steps(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Variant]]:
     """Median step time, peak memory and trainable parameters of every step variant.
 
-    ``log`` receives the rounds discarded for other load (see ``interleaved_times``).
+    ``batch`` may be a list of batches (e.g. real sentences of varying length): every variant then steps
+    through the same batches in the same order, and the step times are of the cycle's steps. Peak memory
+    is measured on the largest batch. ``log`` receives the rounds discarded for other load (see
+    ``interleaved_times``).
     """
+    batches = batch if isinstance(batch, list) else [batch]
+    batch = max(batches, key=lambda b: b["input_ids"].numel())
     device = torch.device(device)
     variants = {
         n: build_variant(n, base, r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, device=device, dtype=dtype)
         for n in names
     }
-    runs = {n: (lambda v=v: v.step(batch)) for n, v in variants.items()}
+    def cycling(variant: Variant) -> Callable[[], None]:
+        position = [0]
+
+        def step() -> None:
+            variant.step(batches[position[0] % len(batches)])
+            position[0] += 1
+
+        return step
+
+    runs = {n: cycling(v) for n, v in variants.items()}
     times = interleaved_times(runs, rounds, steps_per_round, warmup, device, clock, log=log)
     results = {}
     for name, variant in variants.items():
@@ -166,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_model_args(parser)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lengths", choices=("fixed", "sst2"), default="fixed",
+                        help="fixed: batch x seq-len random tokens; sst2: real SST-2 sentences of their own lengths\n"
+                             "(8 length-grouped batches cycled through, at most seq-len tokens)")
     add_clock_arg(parser)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=2)
@@ -199,10 +217,18 @@ def run_benchmark(
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     started = time.perf_counter()
     load_before = loadavg()
-    batch = make_batch(base, args.batch_size, args.seq_len, device)
+    if args.lengths == "sst2":
+        from transformers import AutoTokenizer
+
+        batches = sst2_batches(AutoTokenizer.from_pretrained(tokenizer_path or minilm_path()), args.batch_size, 8,
+                               args.seq_len, device, num_labels=int(base.config.num_labels))
+        batch = max(batches, key=lambda b: b["input_ids"].numel())
+    else:
+        batches = [make_batch(base, args.batch_size, args.seq_len, device)]
+        batch = batches[0]
     timing: dict[str, Any] = {}
     steps, variants = bench_steps(
-        base, batch, names, args.rounds, args.steps_per_round, args.warmup, args.r, args.lora_dropout, device, dtype,
+        base, batches, names, args.rounds, args.steps_per_round, args.warmup, args.r, args.lora_dropout, device, dtype,
         args.clock, log=timing.setdefault("steps", {}),
     )
     inference = None
@@ -227,6 +253,9 @@ def run_benchmark(
             "model": model_name,
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
+            "lengths": args.lengths,
+            "mean_tokens_per_example": sum(int(b["attention_mask"].sum()) for b in batches)
+            / sum(b["input_ids"].shape[0] for b in batches),
             "r": args.r,
             "lora_alpha": 2 * args.r,
             "lora_dropout": args.lora_dropout,

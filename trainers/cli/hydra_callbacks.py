@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainers.core.errors import RunRefused, UserError
 from trainers.loop.metrics_log import has_results
-from trainers.reports.sweep import collect_sweep, format_table, write_summary
+from trainers.reports.sweep import collect_sweep, format_table, task_table, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,10 @@ def sweep_progress(sweep_dir: Path, job: str, total: int | None = None) -> str:
 
 
 class SweepSummary(Callback):
-    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job) and a printed table; with
-    SoRA jobs also ``sweep_curve.png`` (accuracy against gate zero ratio and kept adapter parameters)."""
+    """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job), a printed table and
+    ``curves.png`` (every job's training curves over each other), ``weight_decomposition.png`` (the jobs'
+    dM-dD scatter, one panel per method); with SoRA jobs also ``sweep_curve.png``
+    (accuracy against gate zero ratio and kept adapter parameters)."""
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         """A sweep's progress line after each job: its outcome and the sweep's count so far."""
@@ -122,7 +124,29 @@ class SweepSummary(Callback):
         path = write_summary(sweep_dir, rows)
         failed = sum(r["status"] != "completed" for r in rows)
         print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {path}\n{format_table(rows)}", flush=True)
+        table = task_table(rows)
+        if table is not None:  # GLUE-style sweeps: eval_score x 100 per method and task
+            print(f"\neval_score x 100 by method and task (mean ±std over seeds):\n{table}", flush=True)
         from trainers.methods.sora_report import plot_sweep
+        from trainers.reports.curves import plot_sweep_curves
+
+        try:
+            curves = plot_sweep_curves(sweep_dir, rows)
+        except Exception as exc:  # the summary is written; a picture must not fail the sweep
+            log.warning("sweep curves.png not drawn: %s", exc)
+        else:
+            if curves is not None:
+                print(f"Training curves of every job: {curves}", flush=True)
+        from trainers.reports.weight_decomposition import plot_sweep_decomposition
+
+        try:
+            scatter, corr = plot_sweep_decomposition(sweep_dir, [sweep_dir / r["job"] for r in rows])
+        except Exception as exc:
+            log.warning("sweep weight_decomposition.png not drawn: %s", exc)
+        else:
+            if scatter is not None:
+                shown = ", ".join(f"{m} {c:+.3f}" for m, c in corr.items())
+                print(f"Weight decomposition (corr of dM and dD: {shown}): {scatter}", flush=True)
 
         plot = plot_sweep(sweep_dir, rows)  # SoRA jobs: accuracy vs sparsity across the sweep
         if plot is not None:

@@ -59,7 +59,8 @@ def record_interrupt(run_dir: Path, status: dict[str, Any]) -> None:
 
 
 def run_job(cfg: DictConfig) -> float:
-    """The Hydra task: train into Hydra's output folder; return eval_accuracy for sweepers.
+    """The Hydra task: train into Hydra's output folder; return eval_score (the task's main metric; runs without
+    one: eval_accuracy) for sweepers.
 
     In a multirun a failing job writes status failed and returns NaN so the sweep goes on (under the optuna
     sweeper it raises :class:`TrialFailed`, which optuna records as a failed trial); a single run re-raises
@@ -79,7 +80,8 @@ def run_job(cfg: DictConfig) -> float:
         validate_config(cfg)  # before the heavy imports of a run, so config errors come back fast
         from trainers.experiments.single import train_run
 
-        result = float(train_run(cfg, run_dir, status)["eval_accuracy"])
+        final = train_run(cfg, run_dir, status)
+        result = float(final.get("eval_score", final.get("eval_accuracy", float("nan"))))
         log.info("results in %s", run_dir)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli turns it into this)
         record_interrupt(run_dir, status)

@@ -88,6 +88,17 @@ class TrainerSchema:
     save_merged: bool = MISSING
     callbacks: dict[str, Any] | None = None
     eval_at_start: bool = False
+    eval_every_epochs: int = 0  # evaluate after every N epochs; 0 = off
+    metric_for_best: str = "eval_score"  # compares evaluations (greater is better unless the name holds "loss")
+    load_best_at_end: bool = False  # final metrics and exported adapter from the best evaluation
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = off
+    log_grad_norms: bool = False
+
+
+@dataclass
+class AnalysisSchema:
+    weight_decomposition: bool = MISSING
+    every_steps: int = MISSING
 
 
 @dataclass
@@ -111,10 +122,37 @@ class RootSchema:
     schedule: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
+    analysis: Any = MISSING
+
+
+@dataclass
+class OwnDataSchema(DatasetSchema):
+    """Columns and task of ``dataset=files`` / ``dataset=hub`` (trainers/data/files.py)."""
+
+    text_column: str = MISSING
+    text_pair_column: str | None = MISSING
+    label_column: str = MISSING
+    problem_type: str = MISSING
+    metric: str | None = MISSING
+
+
+@dataclass
+class FilesDatasetSchema(OwnDataSchema):
+    train_file: str | None = MISSING
+    eval_file: str | None = MISSING
+
+
+@dataclass
+class HubDatasetSchema(OwnDataSchema):
+    path: str | None = MISSING
+    config_name: str | None = MISSING
+    train_split: str = MISSING
+    eval_split: str = MISSING
 
 
 # datasets whose keys differ from DatasetSchema (by dataset.name)
-DATASET_SCHEMAS: dict[str, type] = {"english_quotes": CausalLMDatasetSchema,
+DATASET_SCHEMAS: dict[str, type] = {"files": FilesDatasetSchema, "hub": HubDatasetSchema,
+                                    "english_quotes": CausalLMDatasetSchema,
                                     **{name: ContinualDatasetSchema
                                        for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}}
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
@@ -168,6 +206,8 @@ def validate_config(cfg: DictConfig) -> None:
     logger = _check_keys(cfg.logger, LoggerSchema, "logger")
     _require(logger.name in TRACKERS, f"logger.name must be one of {', '.join(TRACKERS)} (got {logger.name!r})")
     _require(bool(logger.project.strip()), "logger.project must not be empty")
+    analysis = _check_keys(cfg.analysis, AnalysisSchema, "analysis")
+    _require(analysis.every_steps >= 0, f"analysis.every_steps must be >= 0 (got {analysis.every_steps})")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
 
     _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")
@@ -185,6 +225,8 @@ def validate_config(cfg: DictConfig) -> None:
              f"dataset.task must be classification or causal_lm (got {dataset.task!r})")
     if dataset.task == "causal_lm":
         _check_causal_lm(dataset)
+    if dataset_name in ("files", "hub"):
+        _check_own_data(dataset)
 
     _require(trainer.epochs > 0 or (trainer.max_steps or 0) > 0,
              "trainer.epochs or trainer.max_steps must be > 0")
@@ -192,8 +234,10 @@ def validate_config(cfg: DictConfig) -> None:
              f"trainer.max_steps must be null or > 0 (got {trainer.max_steps})")
     for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps", "keep_last_checkpoints"):
         _require(trainer[key] > 0, f"trainer.{key} must be > 0 (got {trainer[key]})")
-    for key in ("eval_every_steps", "save_every_steps", "num_workers", "weight_decay", "max_grad_norm"):
+    for key in ("eval_every_steps", "eval_every_epochs", "early_stopping_patience", "save_every_steps", "num_workers",
+                "weight_decay", "max_grad_norm"):
         _require(trainer[key] >= 0, f"trainer.{key} must be >= 0 (got {trainer[key]})")
+    _check_best(trainer, DATASET_SCHEMAS.get(dataset_name) is ContinualDatasetSchema)
     _require(trainer.base_lr > 0, f"trainer.base_lr must be > 0 (got {trainer.base_lr})")
     _require(len(trainer.betas) == 2 and all(0 <= b < 1 for b in trainer.betas),
              f"trainer.betas must be two numbers in [0, 1) (got {list(trainer.betas)})")
@@ -207,6 +251,31 @@ def validate_config(cfg: DictConfig) -> None:
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume
     _require(resume is None or isinstance(resume, str), f"resume must be null, auto or a path (got {resume!r})")
+
+
+def _check_best(trainer: DictConfig, continual: bool) -> None:
+    """Best-checkpoint selection and early stopping: single runs only; early stopping needs periodic evaluation."""
+    selecting = trainer.load_best_at_end or trainer.early_stopping_patience > 0
+    _require(not (selecting and continual), "trainer.load_best_at_end and trainer.early_stopping_patience work on "
+                                            "single runs, not on continual datasets")
+    _require(trainer.early_stopping_patience == 0 or trainer.eval_every_steps > 0 or trainer.eval_every_epochs > 0,
+             "trainer.early_stopping_patience needs periodic evaluation: set trainer.eval_every_steps or "
+             "trainer.eval_every_epochs")
+    _require(bool(trainer.metric_for_best), "trainer.metric_for_best must name an evaluation metric (e.g. eval_score)")
+
+
+def _check_own_data(dataset: DictConfig) -> None:
+    from trainers.objectives.metrics import FAMILIES
+
+    _require(dataset.problem_type in ("classification", "regression"),
+             f"dataset.problem_type must be classification or regression (got {dataset.problem_type!r})")
+    _require(dataset.metric is None or dataset.metric in FAMILIES,
+             f"dataset.metric must be null or one of {', '.join(FAMILIES)} (got {dataset.metric!r})")
+    _require(dataset.task == "classification", "dataset=files / dataset=hub train a classifier or regressor "
+                                               "(dataset.task must be classification)")
+    required = ("train_file", "eval_file") if dataset.name == "files" else ("path",)
+    for key in required:
+        _require(bool(dataset[key]), f"dataset={dataset.name} needs dataset.{key}")
 
 
 def _check_causal_lm(dataset: DictConfig) -> None:

@@ -95,7 +95,8 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(examples: list[dict[str, Any]], sampler: Sampler[int], batch_size: int,
-                collate: Callable[..., Any], num_workers: int, seed: int) -> DataLoader:
-    """A DataLoader with its own generator, so creating it never touches the global RNG (exact resume)."""
+                collate: Callable[..., Any], num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader with its own generator, so creating it never touches the global RNG (exact resume).
+    ``pin_memory``: page-locked batches, so copies to a GPU can be non-blocking."""
     return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)

@@ -3,9 +3,10 @@
 For task t = 0..T-1 (one Trainer per task from the run's :class:`Session`, its run folder ``tasks/task_{t}/``
 with its own checkpoints):
 
-1. ``set_seed(seed + t)``; for t > 0 the method's ``begin_task`` (Gumbel CL-LoRA: freeze and normalise
-   the earlier directions, open direction t; other methods keep training the same weights: sequential
-   fine-tuning).
+1. ``set_seed(seed + t)``; for t > 0 the method's ``begin_task`` (Gumbel CL-LoRA, SD-LoRA: freeze and
+   normalise the earlier directions, open direction t; other methods keep training the same weights:
+   sequential fine-tuning). The task trains with the method's ``task_config`` (SD-LoRA: the first task's
+   own epochs and learning rate).
 2. Train on task t's examples. The classifier head is full-size with the logits of other classes
    masked (:class:`HeadMask`): training sees only task t's classes (``loss_classes=current``, as
    SD-LoRA) or all seen classes (``seen``); evaluation sees every seen class. A masked logit gets no
@@ -35,6 +36,7 @@ from trainers.core.files import atomic_write, atomic_write_text
 from trainers.experiments.session import Session
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.metrics_log import MetricsWriter, has_results
+from trainers.reports.curves import draw_run_curves
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +158,10 @@ def _evaluate_tasks(trainer: Any, data: Any, upto: int, collate: Any,
 
 def _plots(run_dir: Path, result: dict[str, Any], counts: list[int], betas: list[list[float]],
            threshold: float | None) -> None:
-    from trainers.reports.continual import plot_accuracy, plot_beta_evolution, plot_beta_heatmap
+    from trainers.reports.continual import plot_accuracy, plot_accuracy_matrix, plot_beta_evolution, plot_beta_heatmap
 
     plot_accuracy(result["acc_matrix"], counts, run_dir / "accuracy_over_tasks.png")
+    plot_accuracy_matrix(result["acc_matrix"], run_dir / "accuracy_matrix.png")
     if betas:
         plot_beta_evolution(betas, run_dir / "beta_evolution.png", threshold)
         plot_beta_heatmap(betas, run_dir / "beta_heatmap.png")
@@ -226,18 +229,19 @@ def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, 
         head.set_classes(loss_classes, data.seen(eval_upto))
         task_data = data.task_data(t) if not cfg.dataset.joint else data.joint().task_data(0)
         task_dir = _task_dir(run_dir, t)
-        epoch_log = EpochLog(t, int(cfg.trainer.epochs), cfg.adapter.get("lambda_sparsity", 0.0))
-        trainer = session.trainer(model, task_data, task_dir, session.callbacks([epoch_log], f"task_{t}/"))
+        task_cfg = method.task_config(cfg, t)
+        epoch_log = EpochLog(t, int(task_cfg.trainer.epochs), cfg.adapter.get("lambda_sparsity", 0.0))
+        trainer = session.trainer(model, task_data, task_dir, session.callbacks([epoch_log], f"task_{t}/"), task_cfg)
         source = ckpt.latest_checkpoint(task_dir) if resume == "auto" else None
         if source is not None:
             trainer.load_checkpoint(source)
         else:
             trainer.start_fresh()
         metrics = trainer.train()
-        decision = method.end_task(model, t, cfg, run_dir, accelerator.is_main_process)
+        decision = dict(method.end_task(model, t, cfg, run_dir, accelerator.is_main_process))
         # tested after the growth decision (the model that goes on); the Trainer's own test of task t still holds
-        # unless adapter t was just pruned
-        unchanged = not cfg.dataset.joint and decision.get("kept", True)
+        # unless the decision changed the model (adapter t pruned, another temperature, ...)
+        unchanged = not cfg.dataset.joint and decision.get("kept", True) and not decision.pop("model_changed", False)
         row, counts = _evaluate_tasks(trainer, data, eval_upto, trainer.collate,
                                       {t: metrics["eval_accuracy"]} if unchanged else {})
         record: dict[str, Any] = {"task": t, "acc_row": row, "eval_counts": counts,
@@ -255,6 +259,7 @@ def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, 
                 save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(tmp))
             writer.log({"step": t, "split": "task", **record})
             session.log_to_trackers({"split": "task", **record}, t)
+            draw_run_curves(task_dir)  # the task's own training curves (tasks/task_<t>/curves.png)
             atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1))
         accelerator.wait_for_everyone()
 
@@ -279,7 +284,8 @@ def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, 
         _plots(run_dir, result, counts, betas, cfg.adapter.get("growth_threshold") if betas else None)
     session.finish(model, run_dir, result)
     if accelerator.is_main_process:
-        log.info("done: Acc %.4f, AAA %.4f, forgetting %.4f, active adapters %d/%d, adapter params %d",
-                 result["acc_final"], result["aaa"], result["forgetting"], active, total, result["adapter_params"])
+        log.info("done: Acc %.4f, AAA %.4f, forgetting %.4f, BWT %.4f, active adapters %d/%d, adapter params %d",
+                 result["acc_final"], result["aaa"], result["forgetting"], result["bwt"], active, total,
+                 result["adapter_params"])
     accelerator.wait_for_everyone()
     return result

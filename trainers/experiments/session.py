@@ -125,6 +125,18 @@ def user_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
     return built
 
 
+def grad_components(method: Any, cfg: DictConfig) -> dict[str, str]:
+    """component -> regex on parameter names: the method's (``lora_A``, ``lora_B``, ...) and ``head`` (the
+    modules in ``model.modules_to_save``, trained in full)."""
+    import re
+
+    components = dict(method.grad_components(cfg))
+    saved = [re.escape(str(name)) for name in cfg.model.get("modules_to_save") or []]
+    if saved:
+        components["head"] = rf"(^|\.)({'|'.join(saved)})\."
+    return components
+
+
 class Session:
     """One run's setup. Creating it builds the accelerator, seeds every RNG with ``cfg.seed`` and loads the
     tokenizer (text models) and the objective; :meth:`build_model` and :meth:`trainer` then give the parts."""
@@ -176,10 +188,15 @@ class Session:
 
     def callbacks(self, extra: list[TrainerCallback] | None = None,
                   tracker_prefix: str = "") -> list[TrainerCallback]:
-        """The method's, the schedule's and the user's callbacks (in that order), then ``extra``, then (with a
-        ``logger``) the one that sends metrics.jsonl records to the tracker, keys prefixed by ``tracker_prefix``."""
-        built = (self.method.callbacks(self.cfg) + self.schedule.callbacks(self.cfg) + user_callbacks(self.cfg)
-                 + list(extra or []))
+        """The method's, the schedule's and the user's callbacks (in that order), then ``extra``; with
+        ``trainer.log_grad_norms`` also the per-component gradient norms; with a ``logger``, last, the one that
+        sends metrics.jsonl records to the tracker, keys prefixed by ``tracker_prefix``."""
+        hooks = self.method.callbacks(self.cfg) + self.schedule.callbacks(self.cfg) + user_callbacks(self.cfg)
+        if self.cfg.trainer.get("log_grad_norms"):
+            from trainers.loop.grad_norms import GradNormsByComponent
+
+            hooks.append(GradNormsByComponent(grad_components(self.method, self.cfg)))
+        built = hooks + list(extra or [])
         if self.tracking:
             from trainers.loop.trackers import TrackerLog
 
@@ -201,11 +218,13 @@ class Session:
                 tracker.finish()
         self.tracking = False
 
-    def trainer(self, model: Any, data: Any, run_dir: Path, callbacks: list[TrainerCallback]) -> Any:
-        """A Trainer for ``model`` on ``data`` writing into ``run_dir``."""
+    def trainer(self, model: Any, data: Any, run_dir: Path, callbacks: list[TrainerCallback],
+                cfg: DictConfig | None = None) -> Any:
+        """A Trainer for ``model`` on ``data`` writing into ``run_dir`` (with ``cfg``, e.g. one task's config of a
+        continual run; default: the session's)."""
         from trainers.loop.trainer import Trainer
 
-        cfg = self.cfg
+        cfg = self.cfg if cfg is None else cfg
         return Trainer(cfg, model, data, self.objective.collator(), self.accelerator, run_dir,
                        self.schedule.stages(cfg), lambda m: self.method.optimizers(m, cfg), self.objective,
                        callbacks, self.started_at)

@@ -16,6 +16,24 @@ from trainers.loop.metrics_log import has_results
 log = logging.getLogger(__name__)
 
 
+def adapter_parameter_count(model: Any, modules_to_save: list[str]) -> int:
+    """Trainable parameters outside the fully trained ``modules_to_save`` (the task head): the adapter's size."""
+    def saved(name: str) -> bool:
+        return any(f".{m}." in f".{name}" or name.startswith(f"{m}.") for m in modules_to_save)
+
+    return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and not saved(name))
+
+
+def analysis_callbacks(cfg: DictConfig) -> list[Any]:
+    """The weight-decomposition analysis (``analysis.*``), when on."""
+    analysis = cfg.get("analysis") or {}
+    if not analysis.get("weight_decomposition", False):
+        return []
+    from trainers.reports.weight_decomposition import WeightDecompositionAnalysis
+
+    return [WeightDecompositionAnalysis(cfg.adapter.name, int(analysis.get("every_steps", 0)))]
+
+
 def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its final metrics (also written to metrics.json).
 
@@ -52,7 +70,7 @@ def _train(session: Session, cfg: DictConfig, run_dir: Path, source: Path | None
     if session.is_main:
         log.info("%s on %s: %d modules wrapped, %s, %d process(es) on %s", cfg.adapter.name, cfg.model.name,
                  len(wrapped), objective.describe(data), session.accelerator.num_processes, session.accelerator.device)
-    trainer = session.trainer(model, data, run_dir, session.callbacks())
+    trainer = session.trainer(model, data, run_dir, session.callbacks(analysis_callbacks(cfg)))
     if source is not None:
         from_other_run = source.resolve().parent.parent != run_dir.resolve()
         trainer.load_checkpoint(source, source.parent.parent if from_other_run else None)
@@ -63,8 +81,12 @@ def _train(session: Session, cfg: DictConfig, run_dir: Path, source: Path | None
     result = trainer.final_metrics(metrics)
     for callback in trainer.callbacks:
         callback.on_run_end(trainer, result)
+    result.setdefault("adapter_params", adapter_parameter_count(model, list(cfg.model.modules_to_save or [])))
     session.finish(model, run_dir, result)
     if session.is_main:
+        from trainers.reports.curves import draw_run_curves
+
+        draw_run_curves(run_dir)
         log.info("done: %s", ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in result.items()))
     return result

@@ -37,8 +37,8 @@ OBJECTS_FILE = "training_state.pt"
 # Keys that may differ between a checkpoint and the run resuming it (they do not change the results).
 RESUME_FREE_KEYS = ("resume", "data_root", "trainer.eval_batch_size", "trainer.num_workers",
                     "trainer.save_every_steps", "trainer.keep_last_checkpoints", "trainer.log_every_steps",
-                    "trainer.eval_every_steps", "trainer.callbacks", "trainer.save_merged", "logger",
-                    "model.hub_id")
+                    "trainer.eval_every_steps", "trainer.callbacks", "trainer.save_merged",
+                    "trainer.log_grad_norms", "analysis", "logger", "model.hub_id")
 
 
 # --------------------------------------------------------------------------------------------- finding
@@ -92,6 +92,11 @@ def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+# keys added after checkpoints were first written: a checkpoint without one was written with this value
+ADDED_KEY_DEFAULTS: dict[str, Any] = {"trainer.eval_every_epochs": 0, "trainer.metric_for_best": "eval_score",
+                                      "trainer.load_best_at_end": False, "trainer.early_stopping_patience": 0}
+
+
 def _free(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)
 
@@ -105,6 +110,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """``key: saved -> current`` for every key that matters for the results and differs."""
     saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
     keys = sorted(k for k in set(saved) | set(current) if not _free(k))
+    saved = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in current}, **saved}
     return [f"{k}={saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
             for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
 
@@ -167,6 +173,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- save / load
+BEST_NAME = "best"  # the checkpoint of the best evaluation (trainer.load_best_at_end)
+
+
 def step_name(step: int) -> str:
     """Folder name of the regular checkpoint at ``step`` (the ones resume=auto and pruning consider)."""
     return f"step-{step:08d}"
@@ -218,6 +227,14 @@ def prepare_temporary(run_dir: Path, name: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter (and saved modules') weights of the checkpoint at ``path``; UserError if unreadable."""
+    try:
+        return load_file(str(Path(path) / WEIGHTS_FILE))
+    except Exception as exc:
+        raise UserError(f"corrupt checkpoint {path}: cannot read {WEIGHTS_FILE} ({first_line(exc)})") from None
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any],

@@ -22,7 +22,8 @@ class TrainerCallback:
     """Base class: every hook is a no-op. ``trainer.state`` holds the step counters.
 
     Order inside one optimizer step: ``on_step_begin`` -> for each micro-batch: forward,
-    ``extra_losses`` -> backward -> optimizer and scheduler steps -> ``on_step_end`` -> logging
+    ``extra_losses`` -> backward -> ``on_before_optimizer_step`` -> gradient clipping, optimizer and
+    scheduler steps -> ``on_step_end`` -> logging
     (``log_values``, then ``on_log`` with the record), evaluation (``on_evaluate``) and checkpointing when due.
     """
 
@@ -38,6 +39,10 @@ class TrainerCallback:
     def extra_losses(self, trainer: Trainer, outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named loss terms added to the model's loss for this micro-batch (logged separately)."""
         return {}
+
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """Gradients are complete (all-reduced, unscaled) and not yet clipped; ``trainer.log_due`` says whether
+        this step will be logged."""
 
     def on_step_end(self, trainer: Trainer) -> None:
         """After the optimizer and scheduler steps; ``trainer.state.global_step`` is already advanced."""

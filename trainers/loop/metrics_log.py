@@ -11,7 +11,7 @@ from trainers.core.files import atomic_write_text
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
-RESULT_FILES = (METRICS_JSON, METRICS_JSONL, "checkpoints", "adapter", "tasks")
+RESULT_FILES = (METRICS_JSON, METRICS_JSONL, "checkpoints", "adapter", "tasks", "analysis")
 
 
 def has_results(run_dir: Path) -> bool:

@@ -12,12 +12,14 @@ import torch
 @dataclass
 class OptimizerSpec:
     """One optimizer of a run: ``build(param_groups)`` gives it; its lr schedule warms up over ``warmup_ratio``
-    of each stage's steps, then decays linearly to 0."""
+    of each stage's steps, then decays linearly to 0, unless ``schedule(optimizer, stage_steps)`` gives another
+    (e.g. cosine with a floor)."""
 
     name: str
     param_groups: list[dict[str, Any]]
     build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
     warmup_ratio: float
+    schedule: Callable[[torch.optim.Optimizer, int], Any] | None = None
 
 
 def build_optimizers(specs: list[OptimizerSpec]) -> dict[str, torch.optim.Optimizer]:
@@ -34,6 +36,15 @@ def build_optimizers(specs: list[OptimizerSpec]) -> dict[str, torch.optim.Optimi
     if not built:
         raise ValueError("the model has no trainable parameters; was an adapter applied?")
     return built
+
+
+def build_scheduler(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, num_steps: int, name: str = "linear",
+                    kwargs: dict[str, Any] | None = None) -> Any:
+    """The lr schedule of ``spec``'s optimizer over a stage of ``num_steps`` steps: the spec's own, else
+    :func:`build_warmup_scheduler` ``name`` (``trainer.lr_scheduler``) with the spec's warmup ratio."""
+    if spec.schedule is not None:
+        return spec.schedule(optimizer, num_steps)
+    return build_warmup_scheduler(optimizer, num_steps, float(spec.warmup_ratio), name, kwargs)
 
 
 def build_warmup_scheduler(optimizer: torch.optim.Optimizer, num_steps: int, warmup_ratio: float,

@@ -21,3 +21,8 @@ class TrainerState:
     last_eval: dict[str, float] = field(default_factory=dict)
     running: dict[str, float] = field(default_factory=dict)  # sums since the last training log line
     metrics_lines: int = 0    # lines of metrics.jsonl written when the checkpoint was taken
+    best_step: int = -1       # step of the best evaluation so far by trainer.metric_for_best (-1: none yet)
+    best_metric: float | None = None
+    best_eval: dict[str, float] = field(default_factory=dict)  # that evaluation's metrics
+    evals_without_improvement: int = 0  # evaluations since the best one (early stopping)
+    stopped_early: bool = False

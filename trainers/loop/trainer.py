@@ -8,6 +8,12 @@ Exact resume: the data order is a function of (seed, epoch), the position inside
 DataLoaders draw from their own generators (never the global RNG), and the global RNG states are
 saved per process in every checkpoint. A run killed at any step and resumed from its newest
 checkpoint therefore replays exactly the steps the uninterrupted run took.
+
+Best evaluation: every evaluation is compared by ``trainer.metric_for_best`` (greater is better, except for
+names containing ``loss``); the best one's step, value and metrics are part of the state. With
+``trainer.load_best_at_end`` its weights are kept in ``checkpoints/best`` and loaded after training, so the
+final metrics and the exported adapter are the best evaluation's; ``trainer.early_stopping_patience`` stops
+training after that many evaluations without improvement.
 """
 
 from __future__ import annotations
@@ -33,12 +39,23 @@ from trainers.data.sampling import EpochSampler, ShardSampler, make_loader
 from trainers.loop import checkpoint as ckpt
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.metrics_log import MetricsWriter
-from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_warmup_scheduler
+from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_scheduler
 from trainers.loop.stages import Stage
 from trainers.loop.state import TrainerState
 from trainers.objectives import EvalContext, Objective
 
 log = logging.getLogger(__name__)
+
+
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """||g||_2 over the gradients of ``params`` taken together (as ``clip_grad_norm_`` computes it), on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 class Trainer:
@@ -75,6 +92,8 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = build_optimizers(self._specs)
         self.schedulers: dict[str, Any] = {}
         self._running: dict[str, torch.Tensor] = {}  # device-side sums since the last log line (no host sync)
+        self.log_due = False  # whether the optimizer step in progress will be logged (callbacks may read it)
+        self._grad_norm: torch.Tensor | None = None  # global gradient norm of the last logged step (on the device)
         self.ddp_model = accelerator.prepare(model)
 
         by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
@@ -83,14 +102,21 @@ class Trainer:
                                     batch_size=self.tcfg.batch_size)
         self.batches_per_epoch = math.ceil(self.sampler.shard_size / self.tcfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.tcfg.grad_accum_steps)
+        self.pin_memory = accelerator.device.type == "cuda"  # page-locked batches: non-blocking copies to the GPU
         self.eval_loader = make_loader(data.eval, ShardSampler(len(data.eval), self.rank, self.world_size),
-                                       self.tcfg.eval_batch_size, collate, self.tcfg.num_workers, self.seed)
+                                       self.tcfg.eval_batch_size, collate, self.tcfg.num_workers, self.seed,
+                                       pin_memory=self.pin_memory)
         self._resumed_stage: int | None = None
         self._pending: dict[str, Any] = {}
         self._last_saved_step = -1
         self._segment_start = started_at if started_at is not None else time.perf_counter()
         self._progress: tuple[float, int, int] | None = None  # (time, global step, samples) when training began here
         self._loss_shown = False  # the console shows a loss from the first step on, logged or not
+        self.eval_every_epochs = int(self.tcfg.get("eval_every_epochs", 0) or 0)
+        self.metric_for_best = str(self.tcfg.get("metric_for_best", "eval_score"))
+        self.load_best_at_end = bool(self.tcfg.get("load_best_at_end", False))
+        self.patience = int(self.tcfg.get("early_stopping_patience", 0) or 0)
+        self.track_best = self.load_best_at_end or self.patience > 0
 
     # ----------------------------------------------------------------------------------------- helpers
     def stage_steps(self, stage: Stage) -> int:
@@ -119,9 +145,9 @@ class Trainer:
         if not resumed and stage.reset_optimizers and self.state.global_step > 0:
             self._specs = self.optimizer_specs(self.model)
             self.optimizers = build_optimizers(self._specs)
-        warmup = {spec.name: spec.warmup_ratio for spec in self._specs}
+        specs = {spec.name: spec for spec in self._specs}
         kind, kwargs = self.tcfg.get("lr_scheduler", "linear"), self.tcfg.get("lr_scheduler_kwargs") or {}
-        self.schedulers = {name: build_warmup_scheduler(opt, steps, float(warmup[name]), kind, kwargs)
+        self.schedulers = {name: build_scheduler(specs[name], opt, steps, kind, kwargs)
                            for name, opt in self.optimizers.items()}
         if resumed:  # optimizer states after the schedulers are built (building one resets the lr)
             objects = self._pending.pop("objects")
@@ -142,11 +168,13 @@ class Trainer:
         rng = self._pending.pop("rng", None)
         if rng is not None:  # last, after every model/optimizer construction that could draw numbers
             ckpt.set_rng_state(rng)
-        while self.state.stage_index < len(self.stages):
+        while self.state.stage_index < len(self.stages) and not self.state.stopped_early:
             index = self.state.stage_index
             stage = self.stages[index]
             self._start_stage(stage, resumed=self._resumed_stage == index)
             self._run_stage(stage)
+            if self.state.stopped_early:
+                break
             metrics = self.evaluate_if_needed()
             self._call("on_stage_end", stage, metrics)
             self.state.stage_index += 1
@@ -154,6 +182,8 @@ class Trainer:
         metrics = self.evaluate_if_needed()
         if self._last_saved_step != self.state.global_step:
             self.save_checkpoint()
+        if self.load_best_at_end:
+            metrics = self._restore_best(metrics)
         self._call("on_train_end", metrics)
         return metrics
 
@@ -170,10 +200,10 @@ class Trainer:
         self.ddp_model.train()
         if self._progress is None:
             self._progress = (time.perf_counter(), self.state.global_step, self.state.samples_seen)
-        while self.state.stage_step < total:
+        while self.state.stage_step < total and not self.state.stopped_early:
             self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch * self.tcfg.batch_size)
             loader = make_loader(self.data.train, self.sampler, self.tcfg.batch_size, self.collate,
-                                 self.tcfg.num_workers, self.seed + self.state.epoch)
+                                 self.tcfg.num_workers, self.seed + self.state.epoch, pin_memory=self.pin_memory)
             for batch in loader:
                 i = self.state.batch_in_epoch
                 group_start = (i // accum) * accum
@@ -184,10 +214,11 @@ class Trainer:
                 self._micro_step(batch, group_size, sync=is_step)
                 self.state.batch_in_epoch += 1
                 if is_step:
+                    self.log_due = self._log_due(self.state.global_step + 1, self.state.stage_step + 1, total)
                     self._optimizer_step()
                     bar.update(1)
                     self._after_step(stage, total, bar)
-                    if self.state.stage_step >= total:
+                    if self.state.stage_step >= total or self.state.stopped_early:
                         break
             if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: next permutation
                 self.state.epoch += 1
@@ -196,7 +227,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, torch.Tensor], group_size: int, sync: bool) -> None:
         start = time.perf_counter()
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
         no_sync = not sync and self.world_size > 1  # accumulate locally, all-reduce on the last micro-batch
         with self.accelerator.no_sync(self.ddp_model) if no_sync else contextlib.nullcontext():
             with self.accelerator.autocast():
@@ -237,8 +268,11 @@ class Trainer:
         if scaler is not None:
             for opt in self.optimizers.values():
                 scaler.unscale_(opt)
-        if self.tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        self._call("on_before_optimizer_step")
+        if self.tcfg.max_grad_norm > 0:  # the norm before clipping comes for free; stays on the device
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        elif self.log_due:
+            self._grad_norm = total_grad_norm(self.trainable)
         for opt in self.optimizers.values():
             if scaler is not None:
                 scaler.step(opt)
@@ -255,14 +289,20 @@ class Trainer:
         self.state.train_time_s += time.perf_counter() - start
         self._call("on_step_end")
 
+    def _log_due(self, step: int, stage_step: int, total: int) -> bool:
+        """Whether optimizer step ``step`` (``stage_step`` of ``total`` in its stage) writes a training line."""
+        return step % self.tcfg.log_every_steps == 0 or stage_step == total
+
     def _after_step(self, stage: Stage, total: int, bar: Any) -> None:
         step = self.state.global_step
-        if step % self.tcfg.log_every_steps == 0 or self.state.stage_step == total:
+        if self._log_due(step, self.state.stage_step, total):
             record = self._log_train(stage)
             self._show_progress(bar, record["loss"], record["accuracy"])
         elif not self._loss_shown:  # the first step: show its loss without a metrics.jsonl line
             self._show_progress(bar, *self._peek_running())
-        if self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0:
+        epoch_done = self.state.batch_in_epoch >= self.batches_per_epoch  # this step ended an epoch
+        if ((self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0)
+                or (self.eval_every_epochs and epoch_done and (self.state.epoch + 1) % self.eval_every_epochs == 0)):
             self.evaluate_if_needed()
         is_last = self.state.stage_index == len(self.stages) - 1 and self.state.stage_step == total
         if self.tcfg.save_every_steps and step % self.tcfg.save_every_steps == 0 and not is_last:
@@ -311,6 +351,9 @@ class Trainer:
             "loss": totals.get("loss_sum", 0.0) / count, "accuracy": totals.get("correct", 0.0) / count,
             "lr": next(iter(self.optimizers.values())).param_groups[0]["lr"],
         }
+        if self._grad_norm is not None:  # the one host read of the gradient norm, at log steps only
+            record["grad_norm"] = float(self._grad_norm)
+            self._grad_norm = None
         for name in names:
             if name.endswith("_sum") and name != "loss_sum":
                 record[name[: -len("_sum")]] = totals[name] / count
@@ -335,8 +378,53 @@ class Trainer:
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log.info("eval at step %d: %s", self.state.global_step, shown)
+        self._update_best(metrics)
         self._call("on_evaluate", metrics)
         return metrics
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        """Compare this evaluation with the best one by ``trainer.metric_for_best``; keep its weights
+        (load_best_at_end) or count it towards early stopping."""
+        name = self.metric_for_best
+        if name not in metrics:
+            if self.track_best:
+                raise UserError(f"trainer.metric_for_best={name} is not among the evaluation metrics "
+                                f"({', '.join(sorted(metrics))})")
+            return
+        value = float(metrics[name])
+        best = self.state.best_metric
+        lower_is_better = "loss" in name
+        improved = not math.isnan(value) and (best is None or (value < best if lower_is_better else value > best))
+        state = self.state
+        if improved:
+            state.best_metric, state.best_step, state.best_eval = value, state.global_step, dict(metrics)
+            state.evals_without_improvement = 0
+            if self.load_best_at_end:
+                self.save_checkpoint(ckpt.BEST_NAME)
+            return
+        state.evals_without_improvement += 1
+        if self.patience and state.evals_without_improvement >= self.patience:
+            state.stopped_early = True
+            if self.is_main:
+                log.info("early stopping at step %d: %s has not improved on %.4f (step %d) for %d evaluations",
+                         state.global_step, name, best if best is not None else float("nan"), state.best_step,
+                         state.evals_without_improvement)
+
+    def _restore_best(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Load the weights of the best evaluation (``checkpoints/best``) unless the model already is that one;
+        return that evaluation's metrics."""
+        from adapters import load_adapter_state_dict
+
+        state = self.state
+        if state.best_step < 0:
+            return metrics
+        if state.best_step != state.global_step:
+            path = ckpt.checkpoint_root(self.run_dir) / ckpt.BEST_NAME
+            load_adapter_state_dict(self.model, ckpt.load_weights(path))
+            if self.is_main:
+                log.info("loaded the best checkpoint: step %d, %s %.4f", state.best_step, self.metric_for_best,
+                         state.best_metric)
+        return dict(state.best_eval)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -451,4 +539,7 @@ class Trainer:
             "train_samples": self.state.samples_seen,
             "status": "completed",
         })
+        if self.track_best:
+            result.update({"best_step": self.state.best_step, "best_metric": self.state.best_metric,
+                           "stopped_early": self.state.stopped_early})
         return result

@@ -37,6 +37,10 @@ class LoraSchema:
     use_rslora: bool = False
 
 
+# the LoRA factors (``lora_A``, ``lora_B``, also ``lora_A.0`` inside a per-task ParameterList)
+LORA_COMPONENTS = {"lora_A": r"(^|\.)lora_A(\.\d+)?$", "lora_B": r"(^|\.)lora_B(\.\d+)?$"}
+
+
 def require(ok: bool, message: str) -> None:
     """Raise a one-line UserError unless ``ok``."""
     if not ok:
@@ -102,12 +106,22 @@ class Method:
         """The training hooks this method needs (none for plain LoRA)."""
         return []
 
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        """component -> regex on parameter names, for ``trainer.log_grad_norms`` (``grad_norm_<component>``)."""
+        return dict(LORA_COMPONENTS)
+
     # -- continual learning --------------------------------------------------------------------------
+    def task_config(self, cfg: DictConfig, task: int) -> DictConfig:
+        """The config task ``task`` of a continual run trains with (e.g. other epochs for the first task);
+        default: ``cfg`` itself."""
+        return cfg
+
     def begin_task(self, model: nn.Module, task: int) -> None:
         """Before training task ``task`` of a continual run (task > 0); default: keep training the same weights."""
 
     def end_task(self, model: nn.Module, task: int, cfg: DictConfig, run_dir: Path, main: bool) -> dict[str, Any]:
-        """After training task ``task``: e.g. decide which adapters to keep; returns what goes into the task record."""
+        """After training task ``task``: e.g. decide which adapters to keep; returns what goes into the task record
+        (the key ``model_changed``, popped by the runner: the model differs from the one the Trainer tested last)."""
         return {}
 
     def adapters_kept(self, model: nn.Module) -> tuple[int, int]:

@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 class GumbelSchema(LoraSchema):
     tau_init: float = MISSING
     tau_final: float = MISSING
-    anneal_rate: float = MISSING
+    anneal_rate: float | None = MISSING
     lambda_sparsity: float = MISSING
     growth_threshold: float = MISSING
     conditional_growth: bool = MISSING
+    growth_score: str = MISSING
+    gate: str = MISSING
     gate_logit_lr: float | None = MISSING
 
 
@@ -45,14 +47,28 @@ def is_gate_logit_parameter(name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------- callbacks
 class GumbelTemperature(TrainerCallback):
-    """Anneal the Gumbel-Sparsemax temperature per optimizer step:
-    ``tau = max(tau_final, tau_init * anneal_rate ** step)`` (a function of the step, so resumes are exact)."""
+    """Anneal the Gumbel-Sparsemax temperature per optimizer step of each task:
+    ``tau = max(tau_final, tau_init * rate ** step)``, with ``rate = anneal_rate`` when given, else
+    ``(tau_final / tau_init) ** (1 / steps)`` for the ``steps`` of the task's Trainer, so tau reaches tau_final
+    exactly at the task's last step. A function of the step (and the task's length), so resumes are exact."""
 
-    def __init__(self, tau_init: float, tau_final: float, anneal_rate: float) -> None:
-        self.tau_init, self.tau_final, self.anneal_rate = float(tau_init), float(tau_final), float(anneal_rate)
+    def __init__(self, tau_init: float, tau_final: float, anneal_rate: float | None) -> None:
+        self.tau_init, self.tau_final = float(tau_init), float(tau_final)
+        self.anneal_rate = None if anneal_rate is None else float(anneal_rate)
+        self.total_steps: int | None = None  # of the task being trained (known at on_train_begin)
+
+    def rate(self) -> float:
+        """The per-step factor: ``anneal_rate``, or the one that reaches tau_final in ``total_steps`` steps."""
+        if self.anneal_rate is not None:
+            return self.anneal_rate
+        if not self.total_steps:
+            return 1.0
+        return (self.tau_final / self.tau_init) ** (1.0 / self.total_steps)
 
     def tau(self, step: int) -> float:
-        return max(self.tau_final, self.tau_init * self.anneal_rate ** step)
+        if self.anneal_rate is None and self.total_steps and step >= self.total_steps:
+            return self.tau_final  # exactly, whatever the rounding of rate ** steps
+        return max(self.tau_final, self.tau_init * self.rate() ** step)
 
     def _set(self, trainer: Trainer) -> None:
         from adapters import set_gumbel_tau
@@ -60,6 +76,7 @@ class GumbelTemperature(TrainerCallback):
         set_gumbel_tau(trainer.model, self.tau(trainer.state.global_step))
 
     def on_train_begin(self, trainer: Trainer) -> None:  # the first step's tau (and a resumed run's)
+        self.total_steps = int(trainer.total_steps)
         self._set(trainer)
 
     def on_step_end(self, trainer: Trainer) -> None:  # the next step's tau, also used by evaluations in between
@@ -82,54 +99,96 @@ class GumbelSparsityLoss(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------- growth
+GROWTH_SCORES = ("contribution", "beta")
+
+
 def growth_decision(beta_values: torch.Tensor, task: int, threshold: float, enabled: bool = True) -> bool:
-    """Keep adapter ``task`` iff beta_task > threshold (always when growth is disabled, and for task 0)."""
+    """Keep adapter ``task`` iff its score (beta, or its contribution share) > threshold (always when growth is
+    disabled, and for task 0)."""
     beta = beta_values[task]  # compared in the gate's own precision: float32(0.1) > 0.1 in float64
     return not enabled or task == 0 or bool(beta > torch.tensor(threshold, dtype=beta.dtype))
 
 
+def growth_scores(model: nn.Module, rule: str) -> torch.Tensor:
+    """Per-task scores the growth rule compares with the threshold, mean over layers: ``beta`` (the seed's rule:
+    the noise-free gate) or ``contribution`` (|beta_t alpha_t| / sum_k |beta_k alpha_k|, the adapter's share of the
+    update; see docs/CONTINUAL.md)."""
+    from adapters import gumbel_betas, gumbel_contributions
+
+    return (gumbel_betas(model) if rule == "beta" else gumbel_contributions(model)).mean(0)
+
+
 def conditional_growth(model: nn.Module, task: int, adapter_cfg: Any, run_dir: Path,
                        main: bool = True) -> dict[str, Any]:
-    """Decide, prune, log and (``main``) save ``beta_values_task_{task}.pt``; returns what was decided.
-    Every process calls it, so all of them prune the same adapter."""
-    from adapters import gumbel_active_tasks, gumbel_betas, prune_gumbel_task
+    """At tau = tau_final: score the adapters, keep adapter ``task`` iff its score > threshold, drop every adapter
+    (old or new) whose noise-free beta is exactly 0 (layer by layer), log, and (``main``) save
+    ``beta_values_task_{task}.pt``; returns what was decided (``model_changed``: whether the Trainer's last test of
+    task ``task`` no longer holds). Every process calls it, so all prune the same."""
+    from adapters import (
+        GumbelLinear,
+        adapter_layers,
+        drop_zero_beta_tasks,
+        gumbel_active_tasks,
+        gumbel_betas,
+        prune_gumbel_task,
+        set_gumbel_tau,
+    )
 
+    taus = {layer.tau for layer in adapter_layers(model, GumbelLinear).values()}
+    set_gumbel_tau(model, float(adapter_cfg.tau_final))  # the decision is taken at the final temperature
     layer_betas = gumbel_betas(model)
     beta = layer_betas.mean(0)
+    rule = str(adapter_cfg.growth_score)
+    scores = beta if rule == "beta" else growth_scores(model, rule)
     threshold = float(adapter_cfg.growth_threshold)
-    keep = growth_decision(beta, task, threshold, bool(adapter_cfg.conditional_growth))
+    enabled = bool(adapter_cfg.conditional_growth)
+    keep = growth_decision(scores, task, threshold, enabled)
     shown = "[" + " ".join(f"{b:.4f}" for b in beta.tolist()) + "]"
     log.info("[Conditional Growth] Task %d - Beta values: %s", task, shown)
-    log.info("[Conditional Growth] Current task beta: %.4f, threshold: %.4f", float(beta[task]), threshold)
+    if rule != "beta":
+        log.info("[Conditional Growth] Task %d - Contributions: [%s]", task,
+                 " ".join(f"{c:.4f}" for c in scores.tolist()))
+    log.info("[Conditional Growth] Current task %s: %.4f, threshold: %.4f",
+             "beta" if rule == "beta" else "contribution", float(scores[task]), threshold)
     if keep:
-        why = (f"beta={float(beta[task]):.4f} > {threshold:.4f}" if growth_decision(beta, task, threshold)
+        why = (f"{rule}={float(scores[task]):.4f} > {threshold:.4f}" if growth_decision(scores, task, threshold)
                else "first task" if task == 0 else "conditional growth disabled")
         log.info("[Conditional Growth] Keeping adapter for task %d (%s)", task, why)
     else:
         prune_gumbel_task(model, task)
-        log.info("[Conditional Growth] Pruning adapter for task %d (beta=%.4f <= %.4f)", task, float(beta[task]),
-                 threshold)
+        log.info("[Conditional Growth] Pruning adapter for task %d (%s=%.4f <= %.4f)", task, rule,
+                 float(scores[task]), threshold)
+    dropped = drop_zero_beta_tasks(model) if enabled else {}
+    if dropped:
+        log.info("[Conditional Growth] Dropping adapters with beta exactly 0: %s",
+                 ", ".join(f"task {t} in {n} layer(s)" for t, n in sorted(dropped.items())))
     mask = gumbel_active_tasks(model)
     active, total = int(mask.sum()), len(mask)
     log.info("[Conditional Growth] Active adapters: %d/%d (%.1f%%)", active, total, 100.0 * active / total)
     if main:
         torch.save({"beta_values": beta, "pruning_mask": mask, "layer_beta_values": layer_betas, "task": task,
-                    "threshold": threshold, "kept": keep}, Path(run_dir) / f"beta_values_task_{task}.pt")
-    return {"beta_values": beta.tolist(), "pruning_mask": mask.tolist(), "kept": keep}
-
+                    "threshold": threshold, "kept": keep, "scores": scores, "growth_score": rule},
+                   Path(run_dir) / f"beta_values_task_{task}.pt")
+    changed = not keep or bool(dropped) or taus != {float(adapter_cfg.tau_final)}
+    return {"beta_values": beta.tolist(), "pruning_mask": mask.tolist(), "kept": keep,
+            "growth_scores": scores.tolist(), "dropped_zero_beta": sorted(dropped), "model_changed": changed}
 
 
 # --------------------------------------------------------------------------------------------- plug-in
 class GumbelMethod(Method):
     name = "gumbel"
     schema = GumbelSchema
-    layer_keys = {"use_rslora": "use_rslora", "tau_init": "tau"}
+    layer_keys = {"use_rslora": "use_rslora", "tau_init": "tau", "gate": "gate"}
 
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         adapter = cfg.adapter
         require(adapter.tau_init > 0 and adapter.tau_final > 0, "adapter.tau_init and adapter.tau_final must be > 0")
-        require(0 < adapter.anneal_rate <= 1, f"adapter.anneal_rate must be in (0, 1] (got {adapter.anneal_rate})")
+        require(adapter.anneal_rate is None or 0 < adapter.anneal_rate <= 1,
+                f"adapter.anneal_rate must be null or in (0, 1] (got {adapter.anneal_rate})")
+        require(adapter.gate in ("layer", "global"), f"adapter.gate must be layer or global (got {adapter.gate!r})")
+        require(adapter.growth_score in GROWTH_SCORES,
+                f"adapter.growth_score must be one of {', '.join(GROWTH_SCORES)} (got {adapter.growth_score!r})")
         require(adapter.lambda_sparsity >= 0, f"adapter.lambda_sparsity must be >= 0 (got {adapter.lambda_sparsity})")
         require(adapter.gate_logit_lr is None or adapter.gate_logit_lr > 0,
                 f"adapter.gate_logit_lr must be null or > 0 (got {adapter.gate_logit_lr})")
@@ -147,6 +206,9 @@ class GumbelMethod(Method):
             groups.append({"params": logits, "lr": float(logit_lr), "weight_decay": 0.0})
         return [OptimizerSpec("base", groups, adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay),
                               float(tcfg.warmup_ratio))]
+
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        return {**super().grad_components(cfg), "magnitude": r"(^|\.)magnitudes$", "gate": r"(^|\.)gate_logits$"}
 
     def callbacks(self, cfg: DictConfig) -> list[TrainerCallback]:
         adapter = cfg.adapter

@@ -3,10 +3,12 @@
 What SoRA adds to a run, all of it here:
 - config: ``conf/adapter/sora.yaml`` (:class:`SoraSchema`) and the top-level ``sparse_lambda``;
 - the layer's ``gate_init``;
-- optimizers: ``base`` (AdamW over everything trainable but the gates) and ``gate``
-  (:class:`ProximalAdamW`: AdamW without weight decay, then the soft-threshold
-  ``g = sign(g) * max(|g| - t, 0)``, ``t = sparse_lambda * lr`` or ``sparse_lambda``), warmup
-  ``adapter.gate_warmup_ratio``;
+- optimizers: ``base`` (AdamW over everything trainable but the gates) and ``gate``, warmup
+  ``adapter.gate_warmup_ratio``, lr ``adapter.gate_lr`` (null: 10x ``trainer.base_lr``, as the seed). The gate
+  optimizer is :class:`ProximalAdamW` (AdamW without weight decay, then the soft-threshold
+  ``g = sign(g) * max(|g| - t, 0)``, ``t = sparse_lambda * lr`` (``lr_scaled``) or ``sparse_lambda``
+  (``soft_absolute``)), or with ``threshold_mode=official`` :class:`OfficialSparseAdamW`, the official code's
+  ``SparseAdamW``;
 - callbacks: the stage's ``sparse_lambda`` (xi stages), ``gate_lr``/``sparse_lambda`` in the log lines,
   ``gate_zero_ratio`` at every evaluation, the official code's optional L1 loss, ``stages.csv`` and the
   end-of-run prune + check + export (:mod:`trainers.methods.sora_report`).
@@ -14,6 +16,7 @@ What SoRA adds to a run, all of it here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +26,7 @@ from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from adapters import is_gate_parameter
+from trainers.core.errors import UserError
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.optimizers import OptimizerSpec
 from trainers.methods.base import LoraSchema, Method, adamw, require
@@ -31,12 +35,16 @@ if TYPE_CHECKING:
     from trainers.loop.stages import Stage
     from trainers.loop.trainer import Trainer
 
-THRESHOLD_MODES = ("lr_scaled", "absolute")
+THRESHOLD_MODES = ("lr_scaled", "soft_absolute", "official")
+RENAMED_MODES = {"absolute": "adapter.threshold_mode=absolute was renamed soft_absolute (a soft-threshold by "
+                             "sparse_lambda, not the official code's rule); use soft_absolute, or official for the "
+                             "official SoRA SparseAdamW"}
+GATE_LR_FACTOR = 10.0  # adapter.gate_lr null: the gate lr is this x trainer.base_lr (the seed's setting)
 
 
 @dataclass
 class SoraSchema(LoraSchema):
-    gate_lr: float = MISSING
+    gate_lr: float | None = MISSING
     gate_init: str = MISSING
     threshold_mode: str = MISSING
     l1_lambda: float = MISSING
@@ -49,7 +57,7 @@ class ProximalAdamW(torch.optim.AdamW):
 
     After the AdamW update every parameter becomes ``sign(p) * max(|p| - t, 0)`` with
     ``t = sparse_lambda * lr`` (``threshold_mode="lr_scaled"``, the current lr of the param group,
-    so it follows the schedule) or ``t = sparse_lambda`` (``"absolute"``). ``sparse_lambda`` and
+    so it follows the schedule) or ``t = sparse_lambda`` (``"soft_absolute"``). ``sparse_lambda`` and
     ``threshold_mode`` live in each param group, so they are saved in ``state_dict()`` and can be
     changed between stages with :func:`set_sparse_lambda`.
     """
@@ -58,8 +66,11 @@ class ProximalAdamW(torch.optim.AdamW):
                  eps: float = 1e-8, sparse_lambda: float = 0.0, threshold_mode: str = "lr_scaled") -> None:
         if sparse_lambda < 0:
             raise ValueError(f"sparse_lambda must be >= 0, got {sparse_lambda}")
-        if threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+        if threshold_mode in RENAMED_MODES:
+            raise ValueError(RENAMED_MODES[threshold_mode])
+        if threshold_mode not in ("lr_scaled", "soft_absolute"):
+            raise ValueError(f"threshold_mode must be lr_scaled or soft_absolute, got {threshold_mode!r} "
+                             f"(official: use OfficialSparseAdamW)")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.defaults.update(sparse_lambda=sparse_lambda, threshold_mode=threshold_mode)
         for group in self.param_groups:
@@ -84,8 +95,78 @@ class ProximalAdamW(torch.optim.AdamW):
         return loss
 
 
+class OfficialSparseAdamW(torch.optim.Optimizer):
+    """The official SoRA code's ``SparseAdamW`` (``src/sparse_optimizer.py``): transformers' (legacy) AdamW, then a
+    hard threshold by ``sparse_lambda`` (not scaled by the lr).
+
+    Per parameter, with step ``k`` (from 1), gradient ``g`` and the group's lr ``a``::
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        p = p - a sqrt(1 - b2^k) / (1 - b1^k) * m / (sqrt(v) + eps)   [- a wd p, wd defaults to 0]
+
+    (eps is added to ``sqrt(v)`` before the bias correction, unlike ``torch.optim.AdamW``), then the three masked
+    assignments, in this order, each on the result of the previous one::
+
+        p[p > l] -= l;   p[p < -l] += l;   p[|p| < l] = 0
+
+    so every entry with ``|p| < 2 l`` ends at 0 and the others move ``l`` towards 0. Defaults are the official
+    optimizer's: betas (0.9, 0.999), eps 1e-6, weight decay 0, bias correction on. ``sparse_lambda`` lives in each
+    param group (saved in ``state_dict()``, changed by :func:`set_sparse_lambda`).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
+                 sparse_lambda: float = 0.0) -> None:
+        if sparse_lambda < 0:
+            raise ValueError(f"sparse_lambda must be >= 0, got {sparse_lambda}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias, "sparse_lambda": sparse_lambda, "threshold_mode": "official"}
+        super().__init__(params, defaults)
+
+    def threshold(self, group: dict[str, Any]) -> float:
+        """The threshold ``l`` of this group (independent of the lr)."""
+        return float(group["sparse_lambda"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lam = self.threshold(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] = int(state["step"]) + 1
+                k = state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                denom = v.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size = step_size * math.sqrt(1.0 - beta2 ** k) / (1.0 - beta1 ** k)
+                update = torch.div(m, denom) * (-step_size)
+                if group["weight_decay"] > 0.0:
+                    update = update + (-group["lr"] * group["weight_decay"]) * p
+                p.add_(update)
+                if lam > 0:
+                    p[p > lam] -= lam
+                    p[p < -lam] += lam
+                    p[p.abs() < lam] = 0.0
+        return loss
+
+
 def set_sparse_lambda(optimizer: torch.optim.Optimizer | None, value: float) -> None:
-    """Change the soft-threshold strength of a :class:`ProximalAdamW` (e.g. at a new xi stage)."""
+    """Change the threshold strength of a :class:`ProximalAdamW` / :class:`OfficialSparseAdamW` (e.g. at a new
+    xi stage)."""
     if optimizer is None:
         return
     if value < 0:
@@ -106,18 +187,33 @@ def split_gate_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn
 def build_sora_optimizers(model: nn.Module, base_lr: float = 1e-4, gate_lr: float = 1e-3,
                           sparse_lambda: float = 0.0, betas: tuple[float, float] = (0.9, 0.98),
                           weight_decay: float = 0.01,
-                          threshold_mode: str = "lr_scaled") -> tuple[ProximalAdamW | None, torch.optim.AdamW]:
+                          threshold_mode: str = "lr_scaled") -> tuple[torch.optim.Optimizer | None, torch.optim.AdamW]:
     """The seed's API: ``(gate_opt, base_opt)``. ``gate_opt`` is a :class:`ProximalAdamW` over the trainable
-    ``*.gate`` parameters (``None`` when the model has none); ``base_opt`` an AdamW with ``weight_decay`` over
+    ``*.gate`` parameters (``None`` when the model has none; ``threshold_mode="official"``: an
+    :class:`OfficialSparseAdamW` with its own betas/eps); ``base_opt`` an AdamW with ``weight_decay`` over
     every other trainable parameter (adapters and the task head)."""
     gates, base = split_gate_parameters(model)
     if not base:
         raise ValueError("the model has no trainable parameters besides gates; was an adapter applied?")
     betas = (float(betas[0]), float(betas[1]))
     base_opt = torch.optim.AdamW([{"params": base}], lr=base_lr, betas=betas, weight_decay=weight_decay)
-    gate_opt = ProximalAdamW(gates, lr=gate_lr, betas=betas, sparse_lambda=sparse_lambda,
-                             threshold_mode=threshold_mode) if gates else None
+    gate_opt = make_gate_optimizer(gates, gate_lr, betas, sparse_lambda, threshold_mode) if gates else None
     return gate_opt, base_opt
+
+
+def make_gate_optimizer(params: Any, lr: float, betas: tuple[float, float], sparse_lambda: float,
+                        threshold_mode: str) -> torch.optim.Optimizer:
+    """The gate optimizer of ``threshold_mode``: :class:`OfficialSparseAdamW` (official; its own betas 0.9/0.999 and
+    eps 1e-6, as the official code builds it) or :class:`ProximalAdamW` (``betas``)."""
+    if threshold_mode == "official":
+        return OfficialSparseAdamW(params, lr=lr, sparse_lambda=sparse_lambda)
+    return ProximalAdamW(params, lr=lr, betas=betas, sparse_lambda=sparse_lambda, threshold_mode=threshold_mode)
+
+
+def resolve_gate_lr(cfg: DictConfig) -> float:
+    """``adapter.gate_lr``, or ``GATE_LR_FACTOR x trainer.base_lr`` when it is null (the seed's 10x)."""
+    value = cfg.adapter.get("gate_lr")
+    return float(value) if value is not None else GATE_LR_FACTOR * float(cfg.trainer.base_lr)
 
 
 # --------------------------------------------------------------------------------------------- callbacks
@@ -172,14 +268,28 @@ class SoraMethod(Method):
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         adapter = cfg.adapter
-        require(adapter.gate_lr > 0, f"adapter.gate_lr must be > 0 (got {adapter.gate_lr})")
+        require(adapter.gate_lr is None or adapter.gate_lr > 0,
+                f"adapter.gate_lr must be null or > 0 (got {adapter.gate_lr})")
+        if adapter.threshold_mode in RENAMED_MODES:
+            raise UserError(RENAMED_MODES[adapter.threshold_mode])
         require(adapter.gate_init in ("ones", "randn"),
                 f"adapter.gate_init must be ones or randn (got {adapter.gate_init!r})")
         require(adapter.threshold_mode in THRESHOLD_MODES,
-                f"adapter.threshold_mode must be lr_scaled or absolute (got {adapter.threshold_mode!r})")
+                f"adapter.threshold_mode must be one of {', '.join(THRESHOLD_MODES)} (got {adapter.threshold_mode!r})")
         require(adapter.l1_lambda >= 0, f"adapter.l1_lambda must be >= 0 (got {adapter.l1_lambda})")
         require(0 <= adapter.gate_warmup_ratio <= 1,
                 f"adapter.gate_warmup_ratio must be in [0, 1] (got {adapter.gate_warmup_ratio})")
+
+    def warnings(self, cfg: DictConfig) -> list[str]:
+        """A SoRA run whose gates are never thresholded (sparse_lambda 0 in every stage) is LoRA with a gate."""
+        from trainers.methods.schedules import get_schedule
+
+        stages = get_schedule(cfg.schedule.name).stages(cfg)
+        lambdas = [float(s.params.get("sparse_lambda", cfg.sparse_lambda)) for s in stages]
+        if all(lam == 0 for lam in lambdas):
+            return ["adapter=sora with sparse_lambda=0: no gate is ever thresholded, so this run is plain LoRA with "
+                    "a trainable gate; set sparse_lambda > 0 (e.g. sparse_lambda=0.4) to prune ranks"]
+        return []
 
     def optimizers(self, model: nn.Module, cfg: DictConfig) -> list[OptimizerSpec]:
         tcfg, adapter = cfg.trainer, cfg.adapter
@@ -189,12 +299,15 @@ class SoraMethod(Method):
         betas = (float(tcfg.betas[0]), float(tcfg.betas[1]))
 
         def gate_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            return ProximalAdamW(groups, lr=float(adapter.gate_lr), betas=betas, sparse_lambda=float(cfg.sparse_lambda),
-                                 threshold_mode=str(adapter.threshold_mode))
+            return make_gate_optimizer(groups, resolve_gate_lr(cfg), betas, float(cfg.sparse_lambda),
+                                       str(adapter.threshold_mode))
 
         return [OptimizerSpec("base", [{"params": base}], adamw(tcfg.base_lr, betas, tcfg.weight_decay),
                               float(tcfg.warmup_ratio)),
                 OptimizerSpec("gate", [{"params": gates}], gate_optimizer, float(adapter.gate_warmup_ratio))]
+
+    def grad_components(self, cfg: DictConfig) -> dict[str, str]:
+        return {**super().grad_components(cfg), "gate": r"(^|\.)gate$"}
 
     def callbacks(self, cfg: DictConfig) -> list[TrainerCallback]:
         from trainers.methods.sora_report import SoraFinish, SoraStageReport

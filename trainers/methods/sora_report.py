@@ -164,7 +164,8 @@ class SoraStageReport(TrainerCallback):
         wall = trainer.wall_time()
         xi = float(stage.params.get("sparse_lambda", self.sparse_lambda))
         row = {"stage": index, "name": stage.name, "xi": xi, "step": trainer.state.global_step,
-               "eval_accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
+               "eval_accuracy": metrics.get("eval_accuracy", metrics.get("eval_score", float("nan"))),
+               "eval_loss": metrics["eval_loss"],
                "gate_zero_ratio": metrics.get("gate_zero_ratio", 0.0), "nonzero_adapter_params": kept,
                "adapter_params": total, "stage_time_s": round(wall - self.stage_started, 3),
                "wall_time_s": round(wall, 3), "effective_ranks": effective_ranks(trainer.model)}

@@ -6,9 +6,12 @@ has one row covering every task). With ``counts[j]`` the number of evaluation ex
     A_i        = sum_{j<=i} counts_j acc[i][j] / sum_{j<=i} counts_j   accuracy on all classes seen after task i
     Acc        = A_{T-1}                                               final accuracy
     AAA        = (1 / T) sum_i A_i                                     average incremental accuracy
-    forgetting = mean_{j < T-1} ( max_{i < T-1, i >= j} acc[i][j] - acc[T-1][j] )
+    forgetting = mean_{j < T-1} ( max_{j <= i <= T-1} acc[i][j] - acc[T-1][j] )   (SD-LoRA / PyCIL: the max
+                 runs over every row that has task j, the last one included, so it is never negative)
+    BWT        = mean_{j < T-1} ( acc[T-1][j] - acc[j][j] )                      backward transfer (Lopez-Paz &
+                 Ranzato 2017): negative when learning later tasks hurt task j, positive when it helped
 
-(counts None: every task weighs the same). Forgetting is 0 with a single row.
+(counts None: every task weighs the same). Forgetting and BWT are 0 with a single row.
 """
 
 from __future__ import annotations
@@ -43,22 +46,34 @@ def average_incremental_accuracy(acc_matrix: Matrix, counts: list[int] | None = 
     return sum(accs) / len(accs)
 
 
-def forgetting(acc_matrix: Matrix) -> float:
-    """Mean over the tasks before the last of (best earlier accuracy - final accuracy)."""
+def _earlier_tasks(acc_matrix: Matrix) -> list[int]:
+    """Tasks j < T-1 that have a row of their own (j < len(acc_matrix[j])): those forgetting and BWT average over."""
     last = len(acc_matrix) - 1
-    drops = []
-    for j in range(len(acc_matrix[last])):
-        earlier = [acc_matrix[i][j] for i in range(last) if j < len(acc_matrix[i])]
-        if earlier:
-            drops.append(max(earlier) - acc_matrix[last][j])
+    return [j for j in range(min(last, len(acc_matrix[last]))) if j < len(acc_matrix[j])]
+
+
+def forgetting(acc_matrix: Matrix) -> float:
+    """Mean over the tasks before the last of (best accuracy over every row, the last included - final accuracy);
+    never negative (SD-LoRA's definition)."""
+    last = len(acc_matrix) - 1
+    drops = [max(acc_matrix[i][j] for i in range(j, last + 1) if j < len(acc_matrix[i])) - acc_matrix[last][j]
+             for j in _earlier_tasks(acc_matrix)]
     return sum(drops) / len(drops) if drops else 0.0
+
+
+def backward_transfer(acc_matrix: Matrix) -> float:
+    """BWT = mean over the tasks before the last of (final accuracy - accuracy right after learning the task)."""
+    last = len(acc_matrix) - 1
+    gains = [acc_matrix[last][j] - acc_matrix[j][j] for j in _earlier_tasks(acc_matrix)]
+    return sum(gains) / len(gains) if gains else 0.0
 
 
 def summarize(acc_matrix: Matrix, counts: list[int] | None = None) -> dict[str, Any]:
     """The metrics.json entries derived from the accuracy matrix."""
     return {"acc_matrix": acc_matrix, "acc_per_step": incremental_accuracies(acc_matrix, counts),
             "acc_final": final_accuracy(acc_matrix, counts),
-            "aaa": average_incremental_accuracy(acc_matrix, counts), "forgetting": forgetting(acc_matrix)}
+            "aaa": average_incremental_accuracy(acc_matrix, counts), "forgetting": forgetting(acc_matrix),
+            "bwt": backward_transfer(acc_matrix)}
 
 
 # --------------------------------------------------------------------------------------------- pictures
@@ -77,10 +92,33 @@ def plot_accuracy(acc_matrix: Matrix, counts: list[int] | None, path: Path, titl
     ax.plot(steps, [100 * a for a in incremental_accuracies(acc_matrix, counts)], "k-o", lw=2, label="all seen")
     for j in range(len(acc_matrix[-1])):
         xs = [i for i in steps if j < len(acc_matrix[i])]
-        ax.plot(xs, [100 * acc_matrix[i][j] for i in xs], lw=0.8, alpha=0.7, label=f"task {j}")
+        ax.plot(xs, [100 * acc_matrix[i][j] for i in xs], lw=0.8, alpha=0.7, marker=".", label=f"task {j}")
     ax.set(xlabel="after task", ylabel="accuracy (%)", ylim=(0, 100), title=title or "Accuracy over tasks")
     ax.set_xticks(steps)
     return _finish(fig, ax, path)
+
+
+def plot_accuracy_matrix(acc_matrix: Matrix, path: Path, title: str = "") -> Path:
+    """The accuracy matrix as a heatmap: row i = after task i, column j = tested on task j, every cell annotated
+    with its accuracy (%), every task ticked on both axes; cells not yet seen (j > i) are blank."""
+    import numpy as np
+
+    plt = pyplot()
+    rows, cols = len(acc_matrix), max(len(r) for r in acc_matrix)
+    grid = np.full((rows, cols), np.nan)
+    for i, row in enumerate(acc_matrix):
+        grid[i, : len(row)] = [100 * a for a in row]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * cols, 1.0 + 0.45 * rows), dpi=90)
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(acc_matrix):
+        for j, acc in enumerate(row):
+            ax.text(j, i, f"{100 * acc:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if acc < 0.6 else "black")
+    ax.set(xlabel="tested on task", ylabel="after task", title=title or "Accuracy matrix (%)")
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    return save_figure(fig, path)
 
 
 def plot_beta_evolution(betas: list[list[float]], path: Path, threshold: float | None = None) -> Path:

@@ -14,9 +14,13 @@ from trainers.core.files import atomic_write_text
 from trainers.loop.metrics_log import METRICS_JSON
 
 SUMMARY_CSV = "summary.csv"
-SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "trainable_params",
+SUMMARY_METRICS = ("eval_accuracy", "eval_loss", "gate_zero_ratio", "dm_dd_corr", "trainable_params",
                    "train_samples_per_second", "wall_time_s",
-                   "acc_final", "aaa", "forgetting", "active_adapters", "total_adapters", "adapter_params")  # continual
+                   # continual runs
+                   "acc_final", "aaa", "forgetting", "bwt", "active_adapters", "total_adapters", "adapter_params")
+# task metrics (GLUE and own data): a column only when some job reports it
+TASK_METRICS = ("eval_score", "eval_matthews_correlation", "eval_f1", "eval_pearson", "eval_spearmanr",
+                "eval_mismatched_accuracy", "best_step", "nonzero_adapter_params")
 
 
 def _job_sort_key(path: Path) -> tuple[int, Any]:
@@ -53,6 +57,7 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
                                "_swept": list(pairs)}
         row.update(pairs)
         row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
+        row.update({k: metrics[k] for k in TASK_METRICS if k in metrics})
         row["status"] = metrics.get("status", "failed")
         row["error"] = metrics.get("error", "")
         rows.append(row)
@@ -64,7 +69,7 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns and not k.startswith("_"))
-    tail = [c for c in (*SUMMARY_METRICS, "status", "error") if c in columns]
+    tail = [c for c in (*SUMMARY_METRICS, *TASK_METRICS, "status", "error") if c in columns]
     columns = [c for c in columns if c not in tail] + tail
     path = Path(sweep_dir) / SUMMARY_CSV
     text = io.StringIO(newline="")
@@ -90,8 +95,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         keys.extend(k for k in row.get("_swept", []) if k not in keys)
     varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
-    metrics = ["eval_accuracy", "eval_loss", "gate_zero_ratio", "aaa", "forgetting", "active_adapters",
-               "adapter_params", "wall_time_s"]
+    metrics = ["eval_score", "eval_accuracy", "eval_loss", "gate_zero_ratio", "dm_dd_corr", "aaa", "forgetting", "bwt",
+               "active_adapters", "adapter_params", "wall_time_s"]
     columns = ["job", *(varying or ["overrides"]), *[m for m in metrics if any(r.get(m) is not None for r in rows)],
                "status"]
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
@@ -100,3 +105,47 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
+
+
+def task_table(rows: list[dict[str, Any]]) -> str | None:
+    """A table of methods x tasks (the paper's Table 1 layout) when the sweep varies ``dataset``: each cell the
+    mean ``eval_score`` x 100 over the completed jobs (seeds) with its sample standard deviation, an ``avg``
+    column (the mean of the task means), the kept adapter parameters (``nonzero_adapter_params``, else
+    ``adapter_params``; mean over jobs) and the jobs' summed wall time. None when there is nothing to tabulate."""
+    done = [r for r in rows if r.get("status") == "completed" and r.get("eval_score") is not None and r.get("dataset")]
+    tasks = list(dict.fromkeys(str(r["dataset"]) for r in done))
+    if len(tasks) < 2:
+        return None
+    method_of = {id(r): str(r.get("adapter") or r.get("experiment") or "run") for r in done}
+    methods = list(dict.fromkeys(method_of.values()))
+    header = ["method", *tasks, "avg", "adapter params", "wall time"]
+    lines = []
+    for method in methods:
+        mine = [r for r in done if method_of[id(r)] == method]
+        cells, means = [], []
+        for task in tasks:
+            scores = [100.0 * float(r["eval_score"]) for r in mine if str(r["dataset"]) == task]
+            if not scores:
+                cells.append("-")
+                continue
+            mean, std = _mean_std(scores)
+            means.append(mean)
+            cells.append(f"{mean:.2f}" + (f" ±{std:.2f} (n={len(scores)})" if len(scores) > 1 else ""))
+        avg = f"{sum(means) / len(means):.2f}" if len(means) == len(tasks) else "-"
+        params = [r.get("nonzero_adapter_params") if r.get("nonzero_adapter_params") is not None
+                  else r.get("adapter_params") for r in mine]
+        params = [float(p) for p in params if p is not None]
+        kept = f"{sum(params) / len(params):,.0f}" if params else "-"
+        wall = sum(float(r.get("wall_time_s") or 0.0) for r in mine)
+        lines.append([method, *cells, avg, kept, f"{wall / 60:.1f} min"])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)

@@ -1,0 +1,89 @@
+"""The experiment config group (paper settings in one option) and the GLUE table of a sweep."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from _trainer_helpers import run_main
+from hydra import compose, initialize_config_dir
+
+from trainers.cli.run_id import register_resolvers
+from trainers.cli.schemas import validate_config
+from trainers.reports.sweep import task_table
+
+CONF = Path(__file__).resolve().parents[3] / "conf"
+register_resolvers()
+
+
+def make(overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_sora_glue_has_the_official_settings():
+    cfg = make(["experiment=sora_glue", "dataset=rte"])
+    validate_config(cfg)
+    a, t = cfg.adapter, cfg.trainer
+    assert (cfg.model.name, a.name, a.r, a.lora_alpha, a.lora_dropout, a.gate_init, a.threshold_mode, a.l1_lambda,
+            a.gate_lr, cfg.sparse_lambda) == ("deberta-v3-base", "sora", 8, 16, 0.0, "randn", "official", 10.0,
+                                              8e-4, 3e-4)
+    assert (t.epochs, t.batch_size, t.base_lr, t.warmup_ratio, t.weight_decay, t.max_grad_norm, t.eval_every_steps,
+            t.load_best_at_end, t.metric_for_best, list(t.betas)) == (20, 8, 8e-4, 0.06, 0.1, 0.1, 1000, True,
+                                                                      "eval_score", [0.9, 0.999])
+    assert (cfg.dataset.max_seq_length, cfg.dataset.max_train_samples) == (128, None)
+    params = make(["experiment=sora_glue"], hydra=True).hydra.sweeper.params
+    assert params.seed == "0,21,42,81,100" and params.dataset == "cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte"
+
+
+@pytest.mark.parametrize("name", ["lora_glue", "glue_cpu"])
+def test_other_experiments_validate(name):
+    cfg = make([f"experiment={name}", "dataset=mrpc"])
+    validate_config(cfg)
+    assert cfg.trainer.load_best_at_end and cfg.dataset.max_seq_length == 128
+    validate_config(make([f"experiment={name}", "adapter=sora_official", "dataset=stsb"]))
+
+
+def test_experiment_targets_wrap_six_linears_per_layer():
+    from trainers.methods import get_method
+    from trainers.models.loading import build_model
+
+    cfg = make(["experiment=glue_cpu", "model=tiny-random-bert"])
+    _, wrapped = build_model(cfg.model, get_method("lora").adapter_spec(cfg.adapter), 2)
+    assert len(wrapped) == 12 and not any("pooler" in w for w in wrapped)  # 2 layers x (q, k, v, o, ffn in, out)
+
+
+def test_task_table_layout():
+    rows = []
+    for adapter, scores in (("lora", {"rte": [0.60, 0.64], "cola": [0.30]}), ("sora", {"rte": [0.66], "cola": [0.2]})):
+        for task, values in scores.items():
+            for v in values:
+                rows.append({"adapter": adapter, "dataset": task, "eval_score": v, "status": "completed",
+                             "adapter_params": 1000, "nonzero_adapter_params": 700 if adapter == "sora" else None,
+                             "wall_time_s": 60.0})
+    rows.append({"adapter": "sora", "dataset": "rte", "eval_score": None, "status": "failed"})
+    lines = task_table(rows).splitlines()
+    assert lines[0].split() == ["method", "rte", "cola", "avg", "adapter", "params", "wall", "time"]
+    lora, sora = lines[2], lines[3]
+    assert lora.startswith("lora") and "62.00 ±2.83 (n=2)" in lora and "30.00" in lora and "46.00" in lora
+    assert "1,000" in lora and "3.0 min" in lora
+    assert sora.split()[:4] == ["sora", "66.00", "20.00", "43.00"] and "700" in sora
+    assert task_table([r for r in rows if r["dataset"] == "rte"]) is None  # one task: no table
+
+
+def test_glue_cpu_sweep_gives_the_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_main(["-m", "experiment=glue_cpu", "model=tiny-random-bert", "dataset=rte,stsb",
+                     "adapter=lora,sora_official", "seed=0", "dataset.max_train_samples=16",
+                     "dataset.max_eval_samples=16", "trainer.epochs=1", "trainer.batch_size=8",
+                     f"hydra.sweep.dir={sweep}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    assert {r["dataset"] for r in rows} == {"rte", "stsb"} and all(r["eval_score"] for r in rows)
+    assert all(r["eval_pearson"] for r in rows if r["dataset"] == "stsb")
+    assert all(r["nonzero_adapter_params"] for r in rows if r["adapter"] == "sora_official")
+    assert "eval_score x 100 by method and task" in proc.stdout
+    table = proc.stdout.split("eval_score x 100 by method and task")[1].splitlines()
+    assert any(line.startswith("lora ") for line in table) and any(line.startswith("sora_official") for line in table)
