@@ -5,13 +5,15 @@ Kept free of torch/transformers imports so that config errors and ``--help`` are
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from trainers.cli.run_id import register_resolvers, run_id, set_run_id
-from trainers.core.errors import RunRefused, UserError
+from trainers.core.errors import RunInterrupted, RunRefused, UserError
 
 DIST_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # Overrides for processes other than the main one: Hydra's own files and logs are written once.
@@ -43,6 +45,10 @@ def format_error(exc: BaseException) -> str:
 
     if isinstance(exc, UserError | RunRefused):
         return str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return (f"no space left on device{where}; free some space, then continue with resume=auto and the same "
+                f"hydra.run.dir (checkpoints are written atomically: the last complete one is kept)")
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         missing = exc.missing_cfg_file or ""
         group, _, option = missing.rpartition("/")
@@ -70,6 +76,24 @@ class _CliState:
     active = False
     full_error = False
     failure: BaseException | None = None
+    resume_hint: str | None = None  # set by an interrupted job: its folder and the command that continues it
+    sweep_jobs: dict[str, str | None] = {}  # job folder -> refusal (None: the job ran)
+
+
+def note_sweep_job(job_dir: str, refused: str | None) -> None:
+    """Called by every sweep job of this launch: ``refused`` is why it could not take its folder over (None: it
+    ran, whatever the outcome). A sweep with refused jobs exits non-zero."""
+    _CliState.sweep_jobs[job_dir] = refused
+
+
+def sweep_jobs() -> dict[str, str | None]:
+    """The sweep jobs this process launched so far: job folder -> why it was refused (None: it ran)."""
+    return dict(_CliState.sweep_jobs)
+
+
+def note_interrupted(hint: str) -> None:
+    """Called by an interrupted job: what the CLI's interrupt message says after ``interrupted``."""
+    _CliState.resume_hint = hint
 
 
 def report_failure(exc: BaseException) -> bool:
@@ -78,21 +102,6 @@ def report_failure(exc: BaseException) -> bool:
         return False
     _CliState.failure = exc
     return True
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (e.g. ``kill``, a scheduler's time limit) interrupts like Ctrl-C, so the run records its status;
-    only where nothing else (e.g. a launcher) handles SIGTERM already."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        def interrupt(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def run_cli(hydra_main: Callable[[], Any]) -> None:
@@ -106,21 +115,34 @@ def run_cli(hydra_main: Callable[[], Any]) -> None:
         is_main = _share_run_id()
         if not is_main:
             sys.argv.extend(NON_MAIN_OVERRIDES)
-    _sigterm_as_interrupt()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra re-raise, so the error is reported here
+    if not full_error:  # a log file that cannot be written (disk full) must not print tracebacks of its own
+        logging.raiseExceptions = False
     _CliState.active, _CliState.full_error, _CliState.failure = True, full_error, None
+    _CliState.resume_hint = None
+    _CliState.sweep_jobs = {}
     try:
         hydra_main()
         error = _CliState.failure
+        refused = {job: why for job, why in _CliState.sweep_jobs.items() if why is not None}
+        if error is None and refused:
+            first, why = next(iter(refused.items()))
+            error = UserError(f"{len(refused)} of {len(_CliState.sweep_jobs)} sweep jobs were refused and left as "
+                              f"they were (first: {first}: {why})")
     except (Exception, RunRefused) as exc:
         if full_error:
             raise
         error = exc
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted) as exc:
         if is_main:
-            print("error: interrupted (status: interrupted in the run folder's metrics.json); continue the run with "
-                  "resume=auto and the same hydra.run.dir (or hydra.sweep.dir)", file=sys.stderr, flush=True)
-        sys.exit(130)
+            hint = _CliState.resume_hint or ("continue the run with resume=auto and the same hydra.run.dir "
+                                             "(or hydra.sweep.dir)")
+            if isinstance(exc, RunInterrupted) and exc.checkpoint:
+                what = f"stopped by {exc.signal} after step {exc.step}, checkpoint {exc.checkpoint} saved"
+            else:
+                what = f"interrupted by {getattr(exc, 'signal', 'SIGINT')}"
+            print(f"error: {what}; {hint}", file=sys.stderr, flush=True)
+        sys.exit(143 if isinstance(exc, RunInterrupted) else 130)
     if error is not None:
         if is_main:
             print(f"error: {format_error(error)}", file=sys.stderr, flush=True)

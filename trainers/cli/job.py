@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainers.cli.hydra_callbacks import is_main_process
 from trainers.cli.schemas import validate_config
 from trainers.core.config import without_hydra
+from trainers.core.errors import RunInterrupted
+from trainers.core.lock import claim_dir, lock_dir, unlock_dir
+from trainers.core.signals import preemption_handler
 from trainers.loop.metrics_log import write_metrics_json
 
 log = logging.getLogger(__name__)
@@ -37,25 +42,40 @@ def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) 
             return
     except Exception:
         pass
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500]})
-
-
-def record_interrupt(run_dir: Path, status: dict[str, Any]) -> None:
-    """Write ``metrics.json`` with status interrupted (and how to continue), where a failure could be written."""
-    if not status.get("may_write"):
-        return
+    details = getattr(error, "details", {})  # e.g. the step and reason of a non-finite stop
     try:
-        from accelerate import PartialState
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_metrics_json(run_dir, {"status": "failed", "error": " ".join(str(error).split())[:500], **details})
+    except OSError as exc:  # e.g. the disk is full: the original error is what the user must see
+        log.debug("could not write metrics.json: %s", exc)
 
-        if not PartialState().is_main_process:
-            return
-    except Exception:
-        pass
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_metrics_json(run_dir, {"status": "interrupted",
-                                 "error": f"interrupted; continue from the last checkpoint with resume=auto "
-                                          f"hydra.run.dir={run_dir} (sweeps: hydra.sweep.dir)"})
+
+def record_interrupt(run_dir: Path, exc: BaseException, status: dict[str, Any]) -> None:
+    """Write ``metrics.json`` with status interrupted (signal, step and checkpoint where known), where that is safe."""
+    if not status.get("may_write") or not is_main_process():
+        return
+    record: dict[str, Any] = {"status": "interrupted", "signal": "SIGINT"}
+    if isinstance(exc, RunInterrupted):
+        record["signal"] = exc.signal
+        if exc.step is not None:
+            record.update(step=exc.step, checkpoint=exc.checkpoint)
+    try:
+        write_metrics_json(run_dir, record)
+    except OSError as error:
+        log.debug("could not write metrics.json: %s", error)
+
+
+def resume_hint(run_dir: Path, hydra_cfg: Any) -> str:
+    """Where the run is and the command that continues it."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        return (f"the job folder is {run_dir}; continue the sweep by relaunching it with resume=auto "
+                f"hydra.sweep.dir={shlex.quote(str(sweep_dir))}")
+    keep = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    command = ["python", "main.py", *keep, "resume=auto", f"hydra.run.dir={run_dir}"]
+    return f"the run folder is {run_dir}; continue with: {' '.join(shlex.quote(c) for c in command)}"
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -73,23 +93,33 @@ def run_job(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    status: dict[str, Any] = {"may_write": not has_results(run_dir)}
+    status: dict[str, Any] = {"may_write": False}
+    refusal = "interrupted before it started"
     log.info("run folder: %s", run_dir)
     try:
+        if is_main_process():  # held since RunDirGuard.on_run_start in a single run; a sweep job locks here
+            lock_dir(run_dir, "choose another hydra.run.dir / hydra.sweep.dir")
+            claim_dir(run_dir)
+        status["may_write"] = not has_results(run_dir)
         cfg = without_hydra(cfg)
         validate_config(cfg)  # before the heavy imports of a run, so config errors come back fast
         from trainers.experiments.single import train_run
 
-        final = train_run(cfg, run_dir, status)
+        with preemption_handler():  # SIGTERM: checkpoint at the next step boundary, then RunInterrupted
+            final = train_run(cfg, run_dir, status)
         result = float(final.get("eval_score", final.get("eval_accuracy", float("nan"))))
         log.info("results in %s", run_dir)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (run_cli turns it into this)
-        record_interrupt(run_dir, status)
-        log.warning("interrupted: run folder %s; continue it with resume=auto hydra.run.dir=%s", run_dir, run_dir)
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        record_interrupt(run_dir, exc, status)
+        from trainers.cli.app import note_interrupted
+
+        note_interrupted(resume_hint(run_dir, hydra_cfg))
         raise
     except Exception as exc:
         record_failure(run_dir, exc, status)
         from trainers.cli.app import format_error, report_failure
+
+        refusal = format_error(exc)
 
         if hydra_cfg.mode == RunMode.MULTIRUN:
             message = format_error(exc)
@@ -102,8 +132,17 @@ def run_job(cfg: DictConfig) -> float:
             return float("nan")
         raise
     finally:
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # a resumed sweep job: keep or restore the earlier .hydra/ files
-            from trainers.cli.hydra_callbacks import settle_hydra_files
+        from trainers.cli.hydra_callbacks import forget_run_files, restore_run_files, settle_hydra_files
 
-            settle_hydra_files(run_dir, keep_new=bool(status.get("may_write")))
+        owned = bool(status.get("may_write"))  # False: refused; everything in the folder goes back as it was
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a resumed sweep job: keep or restore the earlier .hydra/ files
+            from trainers.cli.app import note_sweep_job
+
+            settle_hydra_files(run_dir, keep_new=owned)
+            note_sweep_job(str(run_dir), None if owned else refusal)
+        elif owned:
+            forget_run_files(run_dir)
+        else:
+            restore_run_files(run_dir)
+        unlock_dir(run_dir, refused=not owned)
     return result

@@ -8,6 +8,7 @@ The ``adapter`` and ``schedule`` groups are declared and checked by their plug-i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainers.core.config import without_hydra
 from trainers.core.errors import UserError
+from trainers.loop.nonfinite import POLICIES as NONFINITE_POLICIES
 
 
 # --------------------------------------------------------------------------------------------- schemas
@@ -93,6 +95,8 @@ class TrainerSchema:
     load_best_at_end: bool = False  # final metrics and exported adapter from the best evaluation
     early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = off
     log_grad_norms: bool = False
+    on_nonfinite: str = "stop"  # stop | skip_step (trainers/loop/nonfinite.py)
+    max_skipped_steps: int = 3  # skip_step: steps that may be skipped in a run before it stops
 
 
 @dataclass
@@ -210,6 +214,7 @@ def validate_config(cfg: DictConfig) -> None:
     _require(analysis.every_steps >= 0, f"analysis.every_steps must be >= 0 (got {analysis.every_steps})")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
 
+    _check_finite(checked)
     _require(cfg.sparse_lambda >= 0, f"sparse_lambda must be >= 0 (got {cfg.sparse_lambda})")
     method.check(checked)
     schedule.check(checked, method.stage_params)
@@ -247,6 +252,10 @@ def validate_config(cfg: DictConfig) -> None:
     kwargs = OmegaConf.to_container(trainer.lr_scheduler_kwargs) if trainer.lr_scheduler_kwargs else None
     problem = check_scheduler(trainer.lr_scheduler, kwargs)  # type: ignore[arg-type]
     _require(problem is None, f"trainer.lr_scheduler {problem}")
+    _require(trainer.on_nonfinite in NONFINITE_POLICIES, f"trainer.on_nonfinite must be one of "
+             f"{', '.join(NONFINITE_POLICIES)} (got {trainer.on_nonfinite!r})")
+    _require(trainer.max_skipped_steps >= 0,
+             f"trainer.max_skipped_steps must be >= 0 (got {trainer.max_skipped_steps})")
     _require(trainer.precision in PRECISIONS,
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume
@@ -276,6 +285,19 @@ def _check_own_data(dataset: DictConfig) -> None:
     required = ("train_file", "eval_file") if dataset.name == "files" else ("path",)
     for key in required:
         _require(bool(dataset[key]), f"dataset={dataset.name} needs dataset.{key}")
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """Every number of the config (except user callbacks' arguments) must be finite: inf / nan are refused."""
+    from trainers.loop.checkpoint import config_fingerprint
+
+    for key, value in config_fingerprint(without_hydra(cfg)).items():
+        if key.startswith("trainer.callbacks."):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number (got {value})")
+        if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise UserError(f"{key} must hold finite numbers (got {value})")
 
 
 def _check_causal_lm(dataset: DictConfig) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.core.errors import UserError
+from trainers.core.errors import UserError, first_line
 from trainers.data.readers import SUBSET_SEED, ClassificationData, load_raw, read_local_or_hub, subset, tokenize
 
 # continual dataset name -> (underlying dataset, modality)
@@ -152,6 +152,41 @@ def _read_mnist_test(folder: Path) -> tuple[list, list, list[str]]:
     return train, evals, [str(c) for c in range(10)]
 
 
+# the only globals a CIFAR-100 python file needs: numpy arrays and dtypes (and bytes under protocol 2)
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                   ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: any other global (what a crafted pickle needs to run code) is
+    refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module.startswith("numpy"):
+            import importlib
+
+            for candidate in (module, module.replace("numpy.core", "numpy._core"),
+                              module.replace("numpy._core", "numpy.core")):
+                try:
+                    return getattr(importlib.import_module(candidate), name)
+                except (ImportError, AttributeError):
+                    continue
+        return super().find_class(module, name)
+
+
+def _load_data_pickle(path: Path) -> Any:
+    """A CIFAR python file through :class:`_DataUnpickler`; UserError naming the file otherwise."""
+    try:
+        with path.open("rb") as fh:
+            return _DataUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(f"{path}: not a CIFAR-100 python file ({first_line(exc)}); only plain data and numpy arrays "
+                        f"are read from data pickles") from None
+
+
 def _read_cifar100(folder: Path) -> tuple[list, list, list[str]]:
     """``<data_root>/cifar100/cifar-100-python/{train,test,meta}`` (the official python pickles)."""
     base = folder / "cifar-100-python"
@@ -161,16 +196,23 @@ def _read_cifar100(folder: Path) -> tuple[list, list, list[str]]:
         raise UserError(f"missing data file(s) for dataset cifar100_cl: {', '.join(missing)} (unpack "
                         f"cifar-100-python.tar.gz there, or set data_root=null to use the Hub)")
 
-    def load(path: Path) -> dict:
-        with path.open("rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-
-    names = load(files[2])["fine_label_names"]
+    meta = _load_data_pickle(files[2])
+    names = meta.get("fine_label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == 100 and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{files[2]}: expected CIFAR-100's meta (a dict whose fine_label_names lists 100 names)")
 
     def rows(path: Path) -> list:
-        d = load(path)
-        images = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return list(zip(images, d["fine_labels"], strict=True))
+        d = _load_data_pickle(path)
+        try:
+            images = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            labels = [int(y) for y in d["fine_labels"]]
+            bad = next((i for i, y in enumerate(labels) if not 0 <= y < len(names)), None)
+            if bad is not None:
+                raise ValueError(f"fine_labels[{bad}] = {labels[bad]} is not a class index 0..99")
+            return list(zip(images, labels, strict=True))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}: {first_line(exc)}; expected CIFAR-100's python split (data: N x 3072 uint8, "
+                            f"fine_labels: N class indices)") from None
 
     return rows(files[0]), rows(files[1]), list(names)
 

@@ -49,27 +49,83 @@ def _need(paths: list[Path], name: str) -> None:
                         f"(check data_root / DATA_ROOT)")
 
 
+def read_json(path: Path, expected: str) -> Any:
+    """``path`` parsed as JSON; UserError naming the file, the line and column, and ``expected``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); expected {expected}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
+                        f"expected {expected}") from None
+
+
+def read_table(path: Path, columns: tuple[str, ...], delimiter: str = ",",
+               quoting: int = csv.QUOTE_MINIMAL) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` for every row of a CSV/TSV file with a header that has ``columns``.
+
+    UserError naming the file (and the line) for text that is not UTF-8, a header without the columns, a row
+    with fewer fields than the header, or a malformed line."""
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+    expected = f"{kind} columns {', '.join(columns)}"
+    rows = []
+    reader = None
+    try:
+        with Path(path).open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
+            header = reader.fieldnames or []
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise UserError(f"{path}: the header line {header} lacks {', '.join(missing)}; expected {expected}")
+            for row in reader:
+                if any(row.get(c) is None for c in columns):
+                    raise UserError(f"{path}, line {reader.line_num}: fewer fields than the header; "
+                                    f"expected {expected}")
+                rows.append((reader.line_num, row))
+    except UnicodeDecodeError as exc:
+        line = f", line {reader.line_num + 1}" if reader is not None else ""
+        raise UserError(f"{path}{line}: not UTF-8 text (byte {exc.start} of the read block); expected {expected}") \
+            from None
+    except csv.Error as exc:
+        line = f", line {reader.line_num}" if reader is not None else ""
+        raise UserError(f"{path}{line}: {exc}; expected {expected}") from None
+    return rows
+
+
+def _label(path: Path, line: int | str, value: str, index: dict[str, int], what: str) -> int:
+    """The class index of ``value``; UserError naming the file and line if it is not one of the known labels."""
+    if value in index:
+        return index[value]
+    known = list(index)
+    shown = ", ".join(known[:5]) + (f", ... ({len(known)} in all)" if len(known) > 5 else "")
+    raise UserError(f"{path}, {line}: unknown {what} {value!r} (expected one of {shown})")
+
+
 def _read_sst2(folder: Path) -> RawSplits:
     files = [folder / "train.tsv", folder / "dev.tsv"]
     _need(files, "sst2")
+    names = ["negative", "positive"]
+    index = {str(i): i for i in range(len(names))}
 
     def read(path: Path) -> Rows:
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            return [(row["sentence"], int(row["label"])) for row in reader]
+        rows = read_table(path, ("sentence", "label"), "\t", csv.QUOTE_NONE)
+        return [(row["sentence"], _label(path, f"line {n}", row["label"].strip(), index, "label"))
+                for n, row in rows]
 
-    return RawSplits(read(files[0]), read(files[1]), ["negative", "positive"])
+    return RawSplits(read(files[0]), read(files[1]), names)
 
 
 def _read_banking77(folder: Path) -> RawSplits:
     files = [folder / "train.csv", folder / "test.csv", folder / "categories.json"]
     _need(files, "banking77")
-    names = json.loads(files[2].read_text(encoding="utf-8"))
+    names = read_json(files[2], "a list of the 77 category names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{files[2]}: expected a list of the 77 category names")
     index = {name: i for i, name in enumerate(names)}
 
     def read(path: Path) -> Rows:
-        with path.open(encoding="utf-8", newline="") as fh:
-            return [(row["text"], index[row["category"]]) for row in csv.DictReader(fh)]
+        return [(row["text"], _label(path, f"line {n}", row["category"], index, "category (not in categories.json)"))
+                for n, row in read_table(path, ("text", "category"))]
 
     return RawSplits(read(files[0]), read(files[1]), list(names))
 
@@ -81,12 +137,24 @@ def _clinc_label_names(domains: dict[str, list[str]]) -> list[str]:
 def _read_clinc150(folder: Path) -> RawSplits:
     files = [folder / "data_full.json", folder / "domains.json"]
     _need(files, "clinc150")
-    data = json.loads(files[0].read_text(encoding="utf-8"))
-    names = _clinc_label_names(json.loads(files[1].read_text(encoding="utf-8")))
+    data = read_json(files[0], 'an object with "train" and "val" lists of [text, intent] pairs')
+    domains = read_json(files[1], "an object mapping each domain to its list of intents")
+    if not isinstance(domains, dict) or not all(isinstance(v, list) for v in domains.values()):
+        raise UserError(f"{files[1]}: expected an object mapping each domain to its list of intents")
+    names = _clinc_label_names(domains)
     index = {name: i for i, name in enumerate(names)}
 
     def rows(split: str) -> Rows:
-        return [(text, index[intent]) for text, intent in data[split]]
+        items = data.get(split) if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise UserError(f"{files[0]}: no {split!r} list; expected an object with \"train\" and \"val\" lists of "
+                            f"[text, intent] pairs")
+        out = []
+        for i, item in enumerate(items):
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise UserError(f"{files[0]}, {split}[{i}]: expected a [text, intent] pair (got {str(item)[:80]})")
+            out.append((item[0], _label(files[0], f"{split}[{i}]", item[1], index, "intent (not in domains.json)")))
+        return out
 
     return RawSplits(rows("train"), rows("val"), names)
 
@@ -317,12 +385,22 @@ class ClassificationData:
 def tokenize(rows: Rows, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
     """Tokenise without padding (batches are padded dynamically by :func:`make_collator`). Pair rows
     (``((a, b), label)``) are encoded as pairs (``[CLS] a [SEP] b [SEP]`` with token type ids for BERT),
-    truncating the longer sentence first."""
+    truncating the longer sentence first.
+
+    UserError if ``max_length`` leaves no room for text: it must be at least the tokenizer's special tokens
+    plus one token per text (below that, transformers would not truncate at all)."""
     if not rows:
         return []
     pairs = [text for text, _ in rows if not isinstance(text, str)]
     if pairs and len(pairs) != len(rows):
         raise UserError("a dataset mixes single sentences and sentence pairs")
+    pair = bool(pairs)
+    count = getattr(tokenizer, "num_special_tokens_to_add", None)  # transformers tokenizers have it
+    specials = int(count(pair=pair)) if callable(count) else 0
+    minimum = specials + (2 if pair else 1)
+    if max_length < minimum:
+        raise UserError(f"dataset.max_seq_length={max_length} leaves no room for text: the tokenizer adds {specials} "
+                        f"special token(s) per example{' (a sentence pair)' if pair else ''}; use at least {minimum}")
     if pairs:
         encoded = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=max_length)
     else:

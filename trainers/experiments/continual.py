@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trainers.core.errors import UserError
+from trainers.core.errors import UserError, first_line
 from trainers.core.files import atomic_write, atomic_write_text
 from trainers.experiments.session import Session
 from trainers.loop.hooks import TrainerCallback
@@ -132,6 +132,28 @@ def _load_state(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"corrupt {path}: {exc}") from None
 
 
+def _check_resume(run_dir: Path, state: dict[str, Any], cfg: DictConfig) -> None:
+    """UserError unless ``cfg`` may continue the run in ``run_dir``: the same rule as a single run's checkpoints
+    (``trainers.loop.checkpoint.config_differences``), at a task boundary (the config saved with the tasks
+    done) and inside a task (that task's newest checkpoint)."""
+    from trainers.loop import checkpoint as ckpt
+
+    current = ckpt.config_fingerprint(cfg)
+    saved = state.get("config")
+    if saved is None and state["tasks"]:  # written before the state held its config: the last task's checkpoint
+        last = ckpt.latest_checkpoint(_task_dir(run_dir, len(state["tasks"]) - 1))
+        saved = ckpt.read_state(last).get("config") if last is not None else None
+    if saved is not None:
+        diffs = ckpt.config_differences(saved, current)
+        if diffs:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise UserError(f"run {run_dir} (after task {len(state['tasks']) - 1}) does not match this config: "
+                            f"{'; '.join(diffs[:3])}{more}; repeat the original overrides to resume")
+    running = ckpt.latest_checkpoint(_task_dir(run_dir, len(state["tasks"])))
+    if running is not None:
+        ckpt.check_compatible(running, cfg)
+
+
 def _evaluate_tasks(trainer: Any, data: Any, upto: int, collate: Any,
                     known: dict[int, float]) -> tuple[list[float], list[int]]:
     """Accuracy on each task 0..upto's classes (``known``: already measured) with the trainer's own evaluation,
@@ -208,6 +230,8 @@ def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, 
     head = HeadMask(model, data.num_labels)
     state = _load_state(run_dir) if resume == "auto" else {"tasks": [], "wall_time_s": 0.0}
     done = len(state["tasks"])
+    if resume == "auto":  # before anything is written: a refused resume leaves the run as it was
+        _check_resume(run_dir, state, cfg)
     log.info("continual %s on %s: %d tasks of %s classes%s, %d modules wrapped, %d tasks already done",
              cfg.adapter.name, cfg.model.name, len(train_tasks), [len(t) for t in train_tasks],
              " (joint)" if cfg.dataset.joint else "", len(wrapped), done)
@@ -217,7 +241,11 @@ def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, 
     if done:  # rebuild the structure of task done-1, then load its state after growth
         for t in range(1, done):
             method.begin_task(model, t)
-        load_adapter_state_dict(model, load_file(str(_task_dir(run_dir, done - 1) / FINAL_ADAPTER)))
+        final = _task_dir(run_dir, done - 1) / FINAL_ADAPTER
+        try:
+            load_adapter_state_dict(model, load_file(str(final)))
+        except Exception as exc:
+            raise UserError(f"cannot resume from {final}: {first_line(exc)}") from None
     segment_start = started_at
     metrics: dict[str, float] = {}
     for t in range(done, len(train_tasks)):
@@ -253,6 +281,7 @@ def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, 
         state["wall_time_s"] += now - segment_start
         segment_start = now
         state["tasks"].append(record)  # every process keeps the state; the main one writes it
+        state["config"] = ckpt.config_fingerprint(cfg)  # what a resume at this task boundary is checked against
         if accelerator.is_main_process:
             task_dir.mkdir(parents=True, exist_ok=True)
             with atomic_write(task_dir / FINAL_ADAPTER) as tmp:

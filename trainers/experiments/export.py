@@ -14,7 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from trainers.core.errors import NonFiniteError
 from trainers.core.files import atomic_write_text, publish_dir
+from trainers.loop.nonfinite import nonfinite_names
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -130,12 +132,18 @@ def export_adapter(model: Any, run_dir: Path, cfg: Any = None, tokenizer: Any = 
     """Write ``<run_dir>/adapter/`` atomically (a half-written export never replaces a complete one).
 
     With ``cfg``: ``base_model_name_or_path`` is :func:`portable_model_id` and a model card is written; with
-    ``tokenizer``: its files too; ``labels.json`` when the model's config names its labels.
+    ``tokenizer``: its files too; ``labels.json`` when the model's config names its labels. Raises
+    NonFiniteError (writing nothing) if an adapter tensor holds a NaN or an infinity.
     """
     from safetensors.torch import save_file
 
     from adapters import adapter_state_dict, export_peft
 
+    bad = nonfinite_names(adapter_state_dict(model))
+    if bad:  # e.g. an end-of-run step broke the weights: keep the last good checkpoint, export nothing
+        raise NonFiniteError(f"not exporting the adapter: {bad[0]} holds non-finite values"
+                             + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""),
+                             {"reason": f"non-finite weights in {bad[0]}"})
     run_dir = Path(run_dir)
     base_id = portable_model_id(cfg.model) if cfg is not None else None
 

@@ -110,11 +110,24 @@ def tracker_init_kwargs(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, A
 
 
 def user_callbacks(cfg: DictConfig) -> list[TrainerCallback]:
-    """Instantiate ``trainer.callbacks`` (name -> {_target_: ..., kwargs})."""
-    from hydra.utils import instantiate
+    """Instantiate ``trainer.callbacks`` (name -> {_target_: ..., kwargs}).
+
+    The target is imported and checked to be a TrainerCallback subclass before it is called, so a config
+    cannot make the run call an arbitrary function."""
+    from hydra.utils import get_class, instantiate
 
     built = []
     for name, spec in (cfg.trainer.callbacks or {}).items():
+        target = spec.get("_target_") if isinstance(spec, DictConfig) else None
+        if not isinstance(target, str):
+            raise UserError(f"trainer.callbacks.{name} needs a _target_: the dotted path of a TrainerCallback class")
+        try:
+            cls = get_class(target)
+        except Exception as exc:
+            raise UserError(f"trainer.callbacks.{name}: {target} is not a class ({first_line(exc)})") from None
+        if not issubclass(cls, TrainerCallback):
+            raise UserError(f"trainer.callbacks.{name}: {target} is not a trainers.loop.hooks.TrainerCallback "
+                            f"subclass")
         try:
             callback = instantiate(spec)
         except Exception as exc:

@@ -38,7 +38,8 @@ OBJECTS_FILE = "training_state.pt"
 RESUME_FREE_KEYS = ("resume", "data_root", "trainer.eval_batch_size", "trainer.num_workers",
                     "trainer.save_every_steps", "trainer.keep_last_checkpoints", "trainer.log_every_steps",
                     "trainer.eval_every_steps", "trainer.callbacks", "trainer.save_merged",
-                    "trainer.log_grad_norms", "analysis", "logger", "model.hub_id")
+                    "trainer.log_grad_norms", "analysis", "trainer.on_nonfinite",
+                    "trainer.max_skipped_steps", "logger", "model.hub_id")
 
 
 # --------------------------------------------------------------------------------------------- finding

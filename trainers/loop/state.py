@@ -26,3 +26,4 @@ class TrainerState:
     best_eval: dict[str, float] = field(default_factory=dict)  # that evaluation's metrics
     evals_without_improvement: int = 0  # evaluations since the best one (early stopping)
     stopped_early: bool = False
+    skipped_steps: int = 0    # optimizer steps dropped for a non-finite loss or gradient (on_nonfinite=skip_step)

@@ -34,11 +34,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from trainers.core.errors import UserError
+from trainers.core.errors import NonFiniteError, RunInterrupted, UserError
+from trainers.core.signals import stop_point, stop_requested
 from trainers.data.sampling import EpochSampler, ShardSampler, make_loader
 from trainers.loop import checkpoint as ckpt
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.metrics_log import MetricsWriter
+from trainers.loop.nonfinite import all_finite, nonfinite_losses, nonfinite_names
 from trainers.loop.optimizers import OptimizerSpec, build_optimizers, build_scheduler
 from trainers.loop.stages import Stage
 from trainers.loop.state import TrainerState
@@ -94,6 +96,7 @@ class Trainer:
         self._running: dict[str, torch.Tensor] = {}  # device-side sums since the last log line (no host sync)
         self.log_due = False  # whether the optimizer step in progress will be logged (callbacks may read it)
         self._grad_norm: torch.Tensor | None = None  # global gradient norm of the last logged step (on the device)
+        self._step_sums: dict[str, torch.Tensor] = {}  # the current optimizer step's sums (dropped if it is skipped)
         self.ddp_model = accelerator.prepare(model)
 
         by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
@@ -109,6 +112,9 @@ class Trainer:
         self._resumed_stage: int | None = None
         self._pending: dict[str, Any] = {}
         self._last_saved_step = -1
+        self._stop: str | None = None  # a signal asked to stop: checkpoint and stop after this step
+        self._first_bad: torch.Tensor | None = None  # deferred non-finite check: first bad step (device), -1 none
+        self._bad_values: dict[str, torch.Tensor] = {}  # that step's losses and gradient norm (device)
         self._segment_start = started_at if started_at is not None else time.perf_counter()
         self._progress: tuple[float, int, int] | None = None  # (time, global step, samples) when training began here
         self._loss_shown = False  # the console shows a loss from the first step on, logged or not
@@ -161,7 +167,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, float]:
-        """Run the remaining stages; return the final evaluation metrics."""
+        """Run the remaining stages; return the final evaluation metrics.
+
+        A SIGTERM while training (``trainers.core.signals``) ends the current optimizer step, saves a checkpoint
+        and raises :class:`RunInterrupted` naming it."""
+        with stop_point():
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         self._call("on_train_begin")
         if self.tcfg.get("eval_at_start") and self.state.global_step == 0:
             self.evaluate_if_needed()  # the score before any training (logged as the step-0 eval line)
@@ -218,6 +231,9 @@ class Trainer:
                     self._optimizer_step()
                     bar.update(1)
                     self._after_step(stage, total, bar)
+                    if self._stop is not None:
+                        bar.close()
+                        self._interrupt(self._stop)
                     if self.state.stage_step >= total or self.state.stopped_early:
                         break
             if self.state.batch_in_epoch >= self.batches_per_epoch:  # epoch done: next permutation
@@ -238,18 +254,19 @@ class Trainer:
                 loss = outputs.loss + sum(extras.values()) if extras else outputs.loss
             self.accelerator.backward(loss / group_size)
         n = batch["labels"].shape[0]
-        self._accumulate("loss_sum", outputs.loss.detach() * n)
-        self._accumulate("correct", self.objective.batch_correct(outputs, batch))
-        self._accumulate("count", n)
+        self._accumulate("loss_sum", outputs.loss.detach() * n, self._step_sums)
+        self._accumulate("correct", self.objective.batch_correct(outputs, batch), self._step_sums)
+        self._accumulate("count", n, self._step_sums)
         for name, value in extras.items():
-            self._accumulate(f"{name}_sum", value.detach() * n)
+            self._accumulate(f"{name}_sum", value.detach() * n, self._step_sums)
         self.state.samples_seen += n * self.world_size
         self.state.train_time_s += time.perf_counter() - start
 
-    def _accumulate(self, name: str, value: torch.Tensor | float) -> None:
+    def _accumulate(self, name: str, value: torch.Tensor | float, into: dict[str, torch.Tensor] | None = None) -> None:
         """Add to a running sum kept on the device (read at log and checkpoint steps only)."""
+        sums = self._running if into is None else into
         value = torch.as_tensor(value, device=self.accelerator.device).to(torch.float64)
-        self._running[name] = self._running[name] + value if name in self._running else value
+        sums[name] = sums[name] + value if name in sums else value
 
     def _flush_running(self) -> None:
         """Move the device-side sums into ``state.running`` (one host copy)."""
@@ -270,16 +287,23 @@ class Trainer:
                 scaler.unscale_(opt)
         self._call("on_before_optimizer_step")
         if self.tcfg.max_grad_norm > 0:  # the norm before clipping comes for free; stays on the device
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
-        elif self.log_due:
-            self._grad_norm = total_grad_norm(self.trainable)
-        for opt in self.optimizers.values():
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(self.tcfg.max_grad_norm))
+        else:  # a few device ops on the adapter's gradients: needed for the non-finite check
+            norm = total_grad_norm(self.trainable)
+        if self.log_due:
+            self._grad_norm = norm
+        skip = not self._check_step(norm, scaler is not None)  # raises unless the step may be skipped
+        if not skip:
+            for opt in self.optimizers.values():
+                if scaler is not None:
+                    scaler.step(opt)
+                else:
+                    opt.step()
+            for name, value in self._step_sums.items():  # a skipped step's losses stay out of the logged means
+                self._running[name] = self._running[name] + value if name in self._running else value
         if scaler is not None:
             scaler.update()
+        self._step_sums = {}
         for sched in self.schedulers.values():
             sched.step()
         for opt in self.optimizers.values():
@@ -292,6 +316,101 @@ class Trainer:
     def _log_due(self, step: int, stage_step: int, total: int) -> bool:
         """Whether optimizer step ``step`` (``stage_step`` of ``total`` in its stage) writes a training line."""
         return step % self.tcfg.log_every_steps == 0 or stage_step == total
+
+    def _check_step(self, norm: torch.Tensor | None, scaled: bool) -> bool:
+        """True if this step's losses (and, without a grad scaler, its gradient norm) are finite; also notes
+        a stop request (SIGTERM) so that every process stops after this step.
+
+        With ``trainer.on_nonfinite=stop`` on one process the check stays on the device: the first bad step
+        and its values are kept there and read at the next read point (:meth:`_raise_if_nonfinite`, before
+        anything is logged, evaluated or saved), so a step between log steps reads nothing back from the device.
+        Otherwise (``skip_step``, or several processes, which must agree) it reads one flag per optimizer step,
+        and ``trainer.on_nonfinite`` decides: ``skip_step`` returns
+        False (the caller drops the update) up to ``trainer.max_skipped_steps`` times; ``stop`` (and a skip
+        beyond that count) raises :class:`NonFiniteError`. With a grad scaler (fp16) infinite gradients are
+        the scaler's business (it skips those steps itself), so only the losses are checked.
+        """
+        named = dict(self._step_sums)
+        if norm is not None and not scaled:
+            named["grad_norm"] = norm
+        if self.world_size == 1 and self.tcfg.get("on_nonfinite", "stop") == "stop":
+            self._stop = self._stop or stop_requested()
+            self._note_nonfinite(named)
+            return True
+        nonfinite = ~all_finite(list(named.values()))
+        asked = torch.tensor(stop_requested() is not None, device=nonfinite.device)
+        flags = torch.stack([nonfinite, asked]).to(torch.float32)
+        if self.world_size > 1:  # every process takes the same decisions (one collective for both flags)
+            flags = self.accelerator.reduce(flags.to(self.accelerator.device), reduction="sum")
+        bad, stop = (v > 0 for v in flags.tolist())  # the one host sync of the step
+        if stop:
+            self._stop = stop_requested() or "SIGTERM"  # (a signal on another process)
+        if not bad:
+            return True
+        step = self.state.global_step + 1
+        losses = {k: v for k, v in self._step_sums.items() if k.endswith("_sum")}
+        what = [f"loss term {k[:-4]}" if k != "loss_sum" else "loss" for k in nonfinite_names(losses)]
+        if norm is not None and not scaled and not bool(torch.isfinite(norm)):
+            what.append("gradient norm")
+        reason = "non-finite " + (" and ".join(what) or "value on another process")
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        allowed = int(self.tcfg.get("max_skipped_steps", 0))
+        if self.tcfg.get("on_nonfinite", "stop") == "skip_step" and self.state.skipped_steps < allowed:
+            self.state.skipped_steps += 1
+            if self.is_main:
+                log.warning("step %d skipped (%s): %d of %d tolerated skips used", step, reason,
+                            self.state.skipped_steps, allowed)
+            return False
+        self._step_sums = {}
+        raise self._nonfinite(step, reason)
+
+    def _note_nonfinite(self, named: dict[str, torch.Tensor]) -> None:
+        """Keep, on the device, the first step whose ``named`` values are not all finite, and those values."""
+        step = self.state.global_step + 1
+        bad = ~all_finite(list(named.values()))
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+        first = bad & (self._first_bad < 0)
+        self._first_bad = torch.where(first, torch.full_like(self._first_bad, step), self._first_bad)
+        for name, value in named.items():
+            value = value.detach().reshape(()).to(torch.float64)
+            kept = self._bad_values.get(name, torch.zeros_like(value))
+            self._bad_values[name] = torch.where(first, value, kept)
+
+    def _raise_if_nonfinite(self) -> None:
+        """A read point of the deferred non-finite check: raise for the first bad step since the last one."""
+        if self._first_bad is None:
+            return
+        step = int(self._first_bad)  # the one host read, at log / eval / save steps only
+        if step < 0:
+            return
+        what = [f"loss term {k[:-4]}" if k != "loss_sum" else "loss"
+                for k in nonfinite_names({k: v for k, v in self._bad_values.items() if k.endswith("_sum")})]
+        if "grad_norm" in self._bad_values and nonfinite_names({"g": self._bad_values["grad_norm"]}):
+            what.append("gradient norm")
+        self._first_bad, self._bad_values = None, {}
+        raise self._nonfinite(step, "non-finite " + (" and ".join(what) or "value"))
+
+    def _interrupt(self, signal: str) -> None:
+        """Checkpoint the step just done (unless it is saved already) and stop the run."""
+        self._raise_if_nonfinite()
+        path = (ckpt.checkpoint_root(self.run_dir) / ckpt.step_name(self.state.global_step)
+                if self._last_saved_step == self.state.global_step else self.save_checkpoint())
+        if self.is_main:
+            log.warning("stopped by %s after step %d; checkpoint %s", signal, self.state.global_step, path)
+        raise RunInterrupted(signal, self.state.global_step, str(path))
+
+    def _nonfinite(self, step: int, reason: str) -> NonFiniteError:
+        """The error that stops a run at ``step``; names the last checkpoint with finite weights."""
+        last = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written"
+        if self.tcfg.get("on_nonfinite") == "skip_step":
+            hint = f"{self.state.skipped_steps} step(s) were skipped already, the most trainer.max_skipped_steps allows"
+        else:
+            hint = "lower trainer.base_lr, or set trainer.on_nonfinite=skip_step to skip such steps"
+        return NonFiniteError(f"training stopped at step {step}: {reason}; nothing of this step was saved, {kept} "
+                              f"({hint})", {"step": step, "reason": reason})
 
     def _after_step(self, stage: Stage, total: int, bar: Any) -> None:
         step = self.state.global_step
@@ -337,6 +456,7 @@ class Trainer:
             log.info("%s", self.progress_line(loss, accuracy))
 
     def _log_train(self, stage: Stage) -> dict[str, Any]:
+        self._raise_if_nonfinite()
         self._flush_running()
         running = self.state.running
         names = sorted(running)
@@ -367,9 +487,13 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- eval
     def evaluate_if_needed(self) -> dict[str, float]:
         """Evaluate unless this step was already evaluated; log the result to metrics.jsonl."""
+        self._raise_if_nonfinite()
         if self.state.last_eval_step == self.state.global_step and self.state.last_eval:
             return dict(self.state.last_eval)
         metrics = self.evaluate()
+        bad = nonfinite_losses(metrics)
+        if bad:
+            raise self._nonfinite(self.state.global_step, f"non-finite evaluation {', '.join(bad)}")
         self.state.last_eval_step = self.state.global_step
         self.state.last_eval = dict(metrics)
         record = {"step": self.state.global_step, "split": "eval", **metrics}
@@ -443,10 +567,15 @@ class Trainer:
         """Write the full training state atomically to ``checkpoints/<name>`` (default ``step-NNNNNNNN``,
         the checkpoints resume=auto and pruning consider; another name, e.g. per stage, is kept as is).
         Every process must call this."""
+        self._raise_if_nonfinite()
         from adapters import adapter_state_dict
 
         step = self.state.global_step
         name = name or ckpt.step_name(step)
+        bad = nonfinite_names(adapter_state_dict(self.model))
+        if bad:  # never save weights no resume could use
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise self._nonfinite(step, f"non-finite weights in {bad[0]}{more}")
         self._flush_running()
         self.state.metrics_lines = self.writer.num_lines
         state = dataclasses.asdict(self.state)
@@ -542,4 +671,6 @@ class Trainer:
         if self.track_best:
             result.update({"best_step": self.state.best_step, "best_metric": self.state.best_metric,
                            "stopped_early": self.state.stopped_early})
+        if self.tcfg.get("on_nonfinite") == "skip_step":
+            result["skipped_steps"] = self.state.skipped_steps
         return result

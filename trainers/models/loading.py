@@ -130,6 +130,10 @@ def load_classifier(model_cfg: Any, num_labels: int) -> nn.Module:
         if model_cfg.pretrained is None:
             return auto.from_config(random_model_config(model_cfg, num_labels=num_labels))
         ref = model_cfg.pretrained
+        if _gguf_kwargs(model_cfg, ref):  # transformers reads a GGUF file as the causal LM it holds
+            raise UserError(f"model {model_cfg.name} is a causal LM (the GGUF file {model_cfg.gguf_file}) and this "
+                            f"dataset is a classification task; use a causal-LM dataset (dataset=english_quotes) or "
+                            f"a classification model (e.g. model=minilm)")
         try:
             return auto.from_pretrained(resolve_source(ref), num_labels=num_labels,
                                         **({"ignore_mismatched_sizes": True} if image else {}))

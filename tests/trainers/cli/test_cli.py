@@ -50,6 +50,9 @@ def finished_run(tmp_path_factory) -> Path:
     (["resume=/nonexistent/run"], ["resume=/nonexistent/run: no checkpoint there"]),
     (["model=roberta-base"], ["cannot load tokenizer 'FacebookAI/roberta-base'", "network access"]),
     (["adapter.r=[1"], ["cannot parse the override 'adapter.r=[1'"]),
+    (["trainer.base_lr=inf"], ["trainer.base_lr must be a finite number (got inf)"]),
+    (["model=smollm2"], ["model smollm2 is a causal LM", "dataset=english_quotes"]),
+    (["dataset.max_seq_length=1"], ["dataset.max_seq_length=1 leaves no room for text", "use at least 3"]),
 ])
 def test_bad_input_is_one_line(args, fragments, tmp_path):
     run_dir = tmp_path / "run"
@@ -98,9 +101,7 @@ def test_corrupt_checkpoint(finished_run, tmp_path):
         before = snapshot(run_dir)
         proc = run_main(TINY + ["resume=auto", f"hydra.run.dir={run_dir}"])
         assert_one_line_error(proc, f"corrupt checkpoint {newest}", message)
-        after = snapshot(run_dir)
-        assert {k: v for k, v in after.items() if not k.startswith(".hydra") and k != "main.log"} == \
-               {k: v for k, v in before.items() if not k.startswith(".hydra") and k != "main.log"}
+        assert snapshot(run_dir) == before  # byte for byte: .hydra/, main.log and .lock included
         (newest / name).write_bytes(original)
 
 
@@ -115,8 +116,10 @@ def test_checkpoint_that_does_not_fit_the_model(finished_run, tmp_path):
     weights = load_file(str(newest / "adapter.safetensors"))
     weights.pop(sorted(weights)[0])
     save_file(weights, str(newest / "adapter.safetensors"))
+    before = snapshot(run_dir)
     proc = run_main(TINY + ["resume=auto", f"hydra.run.dir={run_dir}"])
     assert_one_line_error(proc, f"checkpoint {newest} does not fit this model", "missing 1 key")
+    assert snapshot(run_dir) == before
     assert read_json(run_dir / "metrics.json")["status"] == "completed"  # the earlier result is kept
 
 

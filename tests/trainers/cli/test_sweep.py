@@ -66,17 +66,23 @@ def test_two_sweeps_started_together_get_two_folders(tmp_path):
 
 
 def test_resumed_sweep_with_a_changed_config_keeps_the_earlier_hydra_files(tmp_path):
+    from test_cli import snapshot
+
     sweep = tmp_path / "sweep"
     assert run_main(["-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}"]).returncode == 0
-    before = {job: (sweep / job / ".hydra" / "config.yaml").read_text() for job in ("0", "1")}
-    metrics = {job: (sweep / job / "metrics.json").read_text() for job in ("0", "1")}
-    # base_lr differs from the checkpoints' config: every job is refused, and nothing of theirs may change
+    before = snapshot(sweep)
+    # base_lr differs from the checkpoints' config: every job is refused, the sweep fails, and nothing in the
+    # sweep folder changes (the jobs' .hydra/ and main.log, multirun.yaml, summary.csv)
     proc = run_main(["-m", *TINY, "seed=1,2", "trainer.base_lr=0.5", "resume=auto", f"hydra.sweep.dir={sweep}"])
-    assert proc.returncode == 0 and "job 0 failed: checkpoint" in proc.stdout and "trainer.base_lr" in proc.stdout
-    for job in ("0", "1"):
-        assert (sweep / job / ".hydra" / "config.yaml").read_text() == before[job]
-        assert (sweep / job / "metrics.json").read_text() == metrics[job]
-        assert not (sweep / job / ".hydra.before-resume").exists()
+    assert proc.returncode == 1 and "job 0 failed: checkpoint" in proc.stdout and "trainer.base_lr" in proc.stdout
+    assert "Sweep summary (2 jobs, 0 failed, 2 refused): nothing written" in proc.stdout
+    table = proc.stdout.split("Sweep summary", 1)[1].splitlines()
+    assert table[3].split()[-1] == "refused" and table[4].split()[-1] == "refused"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in proc.stderr.splitlines() if line.strip()] and len(errors) == 1
+    assert errors[0].startswith(f"error: 2 of 2 sweep jobs were refused and left as they were (first: {sweep / '0'}: "
+                                f"checkpoint ")
+    assert snapshot(sweep) == before
     # the same config resumes (nothing left to train) and keeps Hydra's new files, without a backup left over
     proc = run_main(["-m", *TINY, "seed=1,2", "resume=auto", f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr
