@@ -8,7 +8,7 @@ from __future__ import annotations
 from .base import AdapterLayer, adapter_layers, lora_scaling
 from .decomposition import decomposition_change, magnitude_direction, weight_decomposition
 from .dora import DoraLinear
-from .export import export_peft
+from .export import export_peft, peft_task_type
 from .full import FullLinear
 from .gumbel import (
     GumbelLinear,
@@ -65,6 +65,7 @@ __all__ = [
     "effective_ranks",
     "entropy",
     "export_peft",
+    "peft_task_type",
     "find_head",
     "find_targets",
     "gumbel_active_tasks",

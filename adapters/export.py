@@ -25,10 +25,33 @@ from .base import adapter_layers
 from .inject import SAVED_ATTR
 
 PREFIX = "base_model.model."
+# the end of a transformers model class name -> PEFT's task_type (what AutoPeftModelFor... loads)
+TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model``'s adapters and saved modules to ``path`` in PEFT's LoRA format; returns the path."""
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model``'s head, from its class name (``...ForSequenceClassification`` ->
+    ``SEQ_CLS``, ``...ForCausalLM`` -> ``CAUSAL_LM``, ...); None where PEFT has none (e.g. image classifiers)."""
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def _auto_task_type(model: nn.Module, saved: list[str]) -> str | None:
+    task = peft_task_type(model)
+    if task in (None, "CAUSAL_LM"):
+        return task
+    return task if saved else None  # PEFT expects a trained head in the export for the classifier task types
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, task_type: str | None = "auto",
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write ``model``'s adapters and saved modules to ``path`` in PEFT's LoRA format; returns the path.
+
+    ``task_type``: ``"auto"`` = from the model's head (:func:`peft_task_type`); a classifier-type head only when
+    ``modules_to_save`` holds it (PEFT then loads the head from the export), else None. ``base_model_name_or_path``:
+    what PEFT's ``AutoPeftModel...`` classes load the base from (default: the model config's ``_name_or_path``).
+    """
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("the model has no adapter layers to export")
@@ -75,8 +98,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "task_type": _auto_task_type(model, saved) if task_type == "auto" else task_type,
+        "base_model_name_or_path": (base_model_name_or_path if base_model_name_or_path is not None
+                                    else getattr(getattr(model, "config", None), "_name_or_path", None)),
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts),

@@ -14,20 +14,20 @@ from trainers.loop.hooks import TrainerCallback
 
 
 class KillAt(TrainerCallback):
-    """SIGKILL this process at optimizer step ``step`` (counted as steps already done), at one of:
+    """SIGKILL (or ``sig``) this process at optimizer step ``step`` (counted as steps already done), at one of:
 
     ``step_end``: right after the optimizer step, before that step's logging / eval / checkpoint;
     ``mid_step``: inside the next step, after a forward pass (gradients half accumulated);
     ``step_begin``: before the next step, after everything due at ``step`` (log, eval, save) ran.
     """
 
-    def __init__(self, step: int, where: str = "step_end") -> None:
+    def __init__(self, step: int, where: str = "step_end", sig: str = "SIGKILL") -> None:
         assert where in ("step_end", "mid_step", "step_begin")
-        self.step, self.where = int(step), where
+        self.step, self.where, self.sig = int(step), where, getattr(signal, sig)
 
     def _maybe_kill(self, trainer: Any, where: str) -> None:
         if where == self.where and trainer.state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.sig)
 
     def on_step_end(self, trainer: Any) -> None:
         self._maybe_kill(trainer, "step_end")
@@ -38,6 +38,19 @@ class KillAt(TrainerCallback):
     def extra_losses(self, trainer: Any, outputs: Any, batch: Any) -> dict:
         self._maybe_kill(trainer, "mid_step")
         return {}
+
+
+class FailInJob(TrainerCallback):
+    """Fails the run when training begins, in the sweep job numbered ``job`` only."""
+
+    def __init__(self, job: int) -> None:
+        self.job = int(job)
+
+    def on_train_begin(self, trainer: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.get().job.num == self.job:
+            raise RuntimeError(f"planned failure in job {self.job}")
 
 
 class Recorder(TrainerCallback):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainers.core.errors import RunRefused, UserError
 from trainers.core.lock import claim_dir, lock_dir, unlock_dir
@@ -174,11 +175,45 @@ def settle_hydra_files(run_dir: Path, keep_new: bool) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def sweep_progress(sweep_dir: Path, job: str, total: int | None = None) -> str:
+    """``sweep <dir>: job 2 completed (eval_accuracy 0.8876); 3 jobs done (2 completed, 1 failed)[ of N]``, from the
+    job folders' ``metrics.json``."""
+    statuses: dict[str, str] = {}
+    this: dict[str, Any] = {}
+    for folder in Path(sweep_dir).iterdir():
+        metrics_file = folder / "metrics.json"
+        if not folder.is_dir() or not metrics_file.is_file():
+            continue
+        try:
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = {"status": "failed"}
+        statuses[folder.name] = str(metrics.get("status", "failed"))
+        if folder.name == job:
+            this = metrics
+    status = this.get("status", "failed")
+    score = this.get("eval_accuracy")
+    shown = f" (eval_accuracy {score:.4f})" if isinstance(score, float) else ""
+    completed = sum(s == "completed" for s in statuses.values())
+    of = f" of {total}" if total else ""
+    return (f"sweep {sweep_dir}: job {job} {status}{shown}; {len(statuses)}{of} jobs done "
+            f"({completed} completed, {len(statuses) - completed} not)")
+
+
 class SweepSummary(Callback):
     """When a sweep ends: ``summary.csv`` in the sweep folder (one row per job), a printed table and
     ``curves.png`` (every job's training curves over each other), ``weight_decomposition.png`` (the jobs'
     dM-dD scatter, one panel per method); with SoRA jobs also ``sweep_curve.png``
     (accuracy against gate zero ratio and kept adapter parameters)."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        """A sweep's progress line after each job: its outcome and the sweep's count so far."""
+        from hydra.types import RunMode
+
+        if OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN or not is_main_process():
+            return
+        log.info("%s", sweep_progress(Path(config.hydra.sweep.dir), str(config.hydra.job.num),
+                                      OmegaConf.select(config, "hydra.sweeper.n_trials", default=None)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_main_process():

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainers.cli.hydra_callbacks import is_main_process
 from trainers.cli.schemas import validate_config
@@ -18,6 +18,17 @@ from trainers.core.signals import preemption_handler
 from trainers.loop.metrics_log import write_metrics_json
 
 log = logging.getLogger(__name__)
+
+
+class TrialFailed(Exception):
+    """Raised by a failed job under a sweeper that records failed trials (optuna marks the trial failed)."""
+
+
+def reports_failed_trials(hydra_cfg: Any) -> bool:
+    """True for sweepers that catch a job's exception and record a failed trial (hydra-optuna-sweeper); the
+    basic sweeper would stop the sweep instead, so its failed jobs return NaN."""
+    target = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
+    return "optuna" in target.lower()
 
 
 def record_failure(run_dir: Path, error: BaseException, status: dict[str, Any]) -> None:
@@ -71,8 +82,9 @@ def run_job(cfg: DictConfig) -> float:
     """The Hydra task: train into Hydra's output folder; return eval_score (the task's main metric; runs without
     one: eval_accuracy) for sweepers.
 
-    In a multirun a failing job writes status failed and returns NaN so the sweep goes on; a single
-    run re-raises (the CLI prints one line and exits non-zero).
+    In a multirun a failing job writes status failed and returns NaN so the sweep goes on (under the optuna
+    sweeper it raises :class:`TrialFailed`, which optuna records as a failed trial); a single run re-raises
+    (the CLI prints one line and exits non-zero).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -83,6 +95,7 @@ def run_job(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     status: dict[str, Any] = {"may_write": False}
     refusal = "interrupted before it started"
+    log.info("run folder: %s", run_dir)
     try:
         if is_main_process():  # held since RunDirGuard.on_run_start in a single run; a sweep job locks here
             lock_dir(run_dir, "choose another hydra.run.dir / hydra.sweep.dir")
@@ -95,6 +108,7 @@ def run_job(cfg: DictConfig) -> float:
         with preemption_handler():  # SIGTERM: checkpoint at the next step boundary, then RunInterrupted
             final = train_run(cfg, run_dir, status)
         result = float(final.get("eval_score", final.get("eval_accuracy", float("nan"))))
+        log.info("results in %s", run_dir)
     except (KeyboardInterrupt, RunInterrupted) as exc:
         record_interrupt(run_dir, exc, status)
         from trainers.cli.app import note_interrupted
@@ -108,7 +122,10 @@ def run_job(cfg: DictConfig) -> float:
         refusal = format_error(exc)
 
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            log.error("job %s failed: %s", hydra_cfg.job.num, format_error(exc))
+            message = format_error(exc)
+            log.error("job %s failed: %s", hydra_cfg.job.num, message)
+            if reports_failed_trials(hydra_cfg):  # optuna: a failed trial, not a NaN score
+                raise TrialFailed(f"job {hydra_cfg.job.num} failed: {message}") from None
             return float("nan")
         if report_failure(exc):  # the CLI prints it as one line and exits 1
             log.debug("run failed", exc_info=exc)

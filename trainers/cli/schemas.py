@@ -31,6 +31,7 @@ class ModelSchema:
     modality: str = "text"
     gguf_file: str | None = None  # a GGUF file inside pretrained / tokenizer (transformers dequantises it)
     embedding_targets: list[str] = field(default_factory=list)  # nn.Embedding modules given an Embedding LoRA
+    hub_id: str | None = None  # the base model's portable id in exports (base_model_name_or_path, model card)
 
 
 @dataclass
@@ -76,6 +77,8 @@ class TrainerSchema:
     weight_decay: float = MISSING
     betas: list[float] = MISSING
     warmup_ratio: float = MISSING
+    lr_scheduler: str = "linear"
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     max_grad_norm: float = MISSING
     grad_accum_steps: int = MISSING
     precision: str = MISSING
@@ -85,7 +88,7 @@ class TrainerSchema:
     keep_last_checkpoints: int = MISSING
     num_workers: int = MISSING
     save_merged: bool = MISSING
-    callbacks: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] | None = None
     eval_at_start: bool = False
     eval_every_epochs: int = 0  # evaluate after every N epochs; 0 = off
     metric_for_best: str = "eval_score"  # compares evaluations (greater is better unless the name holds "loss")
@@ -103,6 +106,15 @@ class AnalysisSchema:
 
 
 @dataclass
+class LoggerSchema:
+    """The ``logger`` group: an experiment tracker through accelerate (trainers/loop/trackers.py)."""
+
+    name: str = MISSING
+    project: str = MISSING
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RootSchema:
     seed: int = MISSING
     sparse_lambda: float = MISSING
@@ -113,6 +125,7 @@ class RootSchema:
     dataset: Any = MISSING
     schedule: Any = MISSING
     trainer: Any = MISSING
+    logger: Any = MISSING
     analysis: Any = MISSING
 
 
@@ -147,6 +160,7 @@ DATASET_SCHEMAS: dict[str, type] = {"files": FilesDatasetSchema, "hub": HubDatas
                                     **{name: ContinualDatasetSchema
                                        for name in ("clinc150_cl", "banking77_cl", "cifar100_cl", "mnist_cl")}}
 PRECISIONS = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+TRACKERS = ("none", "csv", "tensorboard", "wandb", "mlflow")  # logger.name (packages: trainers/loop/trackers.py)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -193,6 +207,9 @@ def validate_config(cfg: DictConfig) -> None:
     schedule = get_schedule(schedule_name)
     schedule_cfg = _check_keys(cfg.schedule, schedule.schema, "schedule")
     trainer = _check_keys(cfg.trainer, TrainerSchema, "trainer")
+    logger = _check_keys(cfg.logger, LoggerSchema, "logger")
+    _require(logger.name in TRACKERS, f"logger.name must be one of {', '.join(TRACKERS)} (got {logger.name!r})")
+    _require(bool(logger.project.strip()), "logger.project must not be empty")
     analysis = _check_keys(cfg.analysis, AnalysisSchema, "analysis")
     _require(analysis.every_steps >= 0, f"analysis.every_steps must be >= 0 (got {analysis.every_steps})")
     checked = OmegaConf.merge(cfg, {"adapter": adapter, "schedule": schedule_cfg})
@@ -230,6 +247,11 @@ def validate_config(cfg: DictConfig) -> None:
     _require(len(trainer.betas) == 2 and all(0 <= b < 1 for b in trainer.betas),
              f"trainer.betas must be two numbers in [0, 1) (got {list(trainer.betas)})")
     _require(0 <= trainer.warmup_ratio <= 1, f"trainer.warmup_ratio must be in [0, 1] (got {trainer.warmup_ratio})")
+    from trainers.loop.optimizers import check_scheduler
+
+    kwargs = OmegaConf.to_container(trainer.lr_scheduler_kwargs) if trainer.lr_scheduler_kwargs else None
+    problem = check_scheduler(trainer.lr_scheduler, kwargs)  # type: ignore[arg-type]
+    _require(problem is None, f"trainer.lr_scheduler {problem}")
     _require(trainer.on_nonfinite in NONFINITE_POLICIES, f"trainer.on_nonfinite must be one of "
              f"{', '.join(NONFINITE_POLICIES)} (got {trainer.on_nonfinite!r})")
     _require(trainer.max_skipped_steps >= 0,

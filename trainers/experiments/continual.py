@@ -200,20 +200,30 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
     if resume is None and has_results(run_dir):
         raise UserError(f"run directory {run_dir} already holds results; pass resume=auto to continue that run")
 
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
-
-    from adapters import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict
-    from adapters import lora_direction_parameters as direction_parameters
-    from trainers.data.continual import CONTINUAL_DATASETS, build_continual_data
-    from trainers.loop import checkpoint as ckpt
-    from trainers.reports.continual import summarize
+    from trainers.data.continual import CONTINUAL_DATASETS
 
     modality = CONTINUAL_DATASETS[cfg.dataset.name][1]
     if (modality == "text") != (cfg.model.get("modality", "text") == "text"):
         raise UserError(f"dataset {cfg.dataset.name} holds {modality} data but model {cfg.model.name} takes "
                         f"{'images' if modality == 'text' else 'text'}")
-    session = Session(cfg, started_at)
+    session = Session(cfg, started_at, run_dir)
+    try:
+        return _train_tasks(session, cfg, run_dir, resume, status, started_at)
+    finally:
+        session.close_trackers()
+
+
+def _train_tasks(session: Session, cfg: DictConfig, run_dir: Path, resume: Any, status: dict[str, Any],
+                 started_at: float) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+
+    from adapters import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict
+    from adapters import lora_direction_parameters as direction_parameters
+    from trainers.data.continual import build_continual_data
+    from trainers.loop import checkpoint as ckpt
+    from trainers.reports.continual import summarize
+
     accelerator, method, seed = session.accelerator, session.method, int(cfg.seed)
     data = build_continual_data(cfg.dataset, cfg.data_root, session.tokenizer)
     model, wrapped = session.build_model(data)
@@ -250,7 +260,7 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
         task_dir = _task_dir(run_dir, t)
         task_cfg = method.task_config(cfg, t)
         epoch_log = EpochLog(t, int(task_cfg.trainer.epochs), cfg.adapter.get("lambda_sparsity", 0.0))
-        trainer = session.trainer(model, task_data, task_dir, session.callbacks([epoch_log]), task_cfg)
+        trainer = session.trainer(model, task_data, task_dir, session.callbacks([epoch_log], f"task_{t}/"), task_cfg)
         source = ckpt.latest_checkpoint(task_dir) if resume == "auto" else None
         if source is not None:
             trainer.load_checkpoint(source)
@@ -278,6 +288,7 @@ def train_continual(cfg: DictConfig, run_dir: Path, status: dict[str, Any], star
             with atomic_write(task_dir / FINAL_ADAPTER) as tmp:
                 save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, str(tmp))
             writer.log({"step": t, "split": "task", **record})
+            session.log_to_trackers({"split": "task", **record}, t)
             draw_run_curves(task_dir)  # the task's own training curves (tasks/task_<t>/curves.png)
             atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1))
         accelerator.wait_for_everyone()

@@ -55,7 +55,15 @@ def train_run(cfg: DictConfig, run_dir: Path, status: dict[str, Any] | None = No
         return train_continual(cfg, run_dir, status, started_at)
     source = resume_source(cfg, run_dir)
 
-    session = Session(cfg, started_at)
+    session = Session(cfg, started_at, run_dir)
+    try:
+        return _train(session, cfg, run_dir, source, status)
+    finally:
+        session.close_trackers()
+
+
+def _train(session: Session, cfg: DictConfig, run_dir: Path, source: Path | None,
+           status: dict[str, Any]) -> dict[str, Any]:
     objective = session.objective
     data = objective.build_data(cfg.dataset, cfg.data_root)
     model, wrapped = session.build_model(data)

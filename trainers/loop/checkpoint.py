@@ -39,7 +39,7 @@ RESUME_FREE_KEYS = ("resume", "data_root", "trainer.eval_batch_size", "trainer.n
                     "trainer.save_every_steps", "trainer.keep_last_checkpoints", "trainer.log_every_steps",
                     "trainer.eval_every_steps", "trainer.callbacks", "trainer.save_merged",
                     "trainer.log_grad_norms", "analysis", "trainer.on_nonfinite",
-                    "trainer.max_skipped_steps")
+                    "trainer.max_skipped_steps", "logger", "model.hub_id")
 
 
 # --------------------------------------------------------------------------------------------- finding
@@ -102,8 +102,14 @@ def _free(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)
 
 
+# Keys added after checkpoints were first written, with the value that gives the results of the time before:
+# a checkpoint without such a key matches a config that holds this value.
+ADDED_KEYS = {"trainer.lr_scheduler": "linear", "trainer.lr_scheduler_kwargs": None}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every key that matters for the results and differs."""
+    saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
     keys = sorted(k for k in set(saved) | set(current) if not _free(k))
     saved = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in current}, **saved}
     return [f"{k}={saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"

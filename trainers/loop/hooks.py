@@ -24,7 +24,7 @@ class TrainerCallback:
     Order inside one optimizer step: ``on_step_begin`` -> for each micro-batch: forward,
     ``extra_losses`` -> backward -> ``on_before_optimizer_step`` -> gradient clipping, optimizer and
     scheduler steps -> ``on_step_end`` -> logging
-    (``log_values``), evaluation (``on_evaluate``) and checkpointing when due.
+    (``log_values``, then ``on_log`` with the record), evaluation (``on_evaluate``) and checkpointing when due.
     """
 
     def on_train_begin(self, trainer: Trainer) -> None:
@@ -50,6 +50,10 @@ class TrainerCallback:
     def log_values(self, trainer: Trainer) -> dict[str, float]:
         """Extra values for the training line of ``metrics.jsonl``."""
         return {}
+
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """After each record (a training line or an evaluation) is written to ``metrics.jsonl``, on every
+        process (only the main one writes the file); ``record`` is the line as logged (``step``, ``split``...)."""
 
     def eval_metrics(self, trainer: Trainer) -> dict[str, float]:
         """Extra metrics added to every evaluation (e.g. a sparsity measure of the adapter)."""

@@ -38,16 +38,39 @@ def build_optimizers(specs: list[OptimizerSpec]) -> dict[str, torch.optim.Optimi
     return built
 
 
-def build_scheduler(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, num_steps: int) -> Any:
-    """The lr schedule of ``spec``'s optimizer over a stage of ``num_steps`` steps."""
+def build_scheduler(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, num_steps: int, name: str = "linear",
+                    kwargs: dict[str, Any] | None = None) -> Any:
+    """The lr schedule of ``spec``'s optimizer over a stage of ``num_steps`` steps: the spec's own, else
+    :func:`build_warmup_scheduler` ``name`` (``trainer.lr_scheduler``) with the spec's warmup ratio."""
     if spec.schedule is not None:
         return spec.schedule(optimizer, num_steps)
-    return build_warmup_scheduler(optimizer, num_steps, float(spec.warmup_ratio))
+    return build_warmup_scheduler(optimizer, num_steps, float(spec.warmup_ratio), name, kwargs)
 
 
-def build_warmup_scheduler(optimizer: torch.optim.Optimizer, num_steps: int,
-                           warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``int(warmup_ratio * num_steps)`` steps, then linear decay to 0 (transformers)."""
-    from transformers import get_linear_schedule_with_warmup
+def build_warmup_scheduler(optimizer: torch.optim.Optimizer, num_steps: int, warmup_ratio: float,
+                           name: str = "linear", kwargs: dict[str, Any] | None = None) -> Any:
+    """transformers' schedule ``name`` (``get_scheduler``) over ``num_steps`` steps with
+    ``int(warmup_ratio * num_steps)`` warmup steps; ``kwargs`` are its ``scheduler_specific_kwargs``.
+    ``linear`` (the default): linear warmup, then linear decay to 0."""
+    from transformers import get_linear_schedule_with_warmup, get_scheduler
 
-    return get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * num_steps), num_steps)
+    warmup = int(warmup_ratio * num_steps)
+    if name == "linear" and not kwargs:
+        return get_linear_schedule_with_warmup(optimizer, warmup, num_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps,
+                         scheduler_specific_kwargs=dict(kwargs or {}))
+
+
+def check_scheduler(name: str, kwargs: dict[str, Any] | None) -> str | None:
+    """None if ``build_warmup_scheduler(name, kwargs)`` works (tried on a throw-away optimizer), else why not."""
+    from transformers import SchedulerType
+
+    names = [t.value for t in SchedulerType if t.value != "reduce_lr_on_plateau"]
+    if name not in names:
+        return f"must be one of {', '.join(names)} (got {name!r})"
+    try:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        build_warmup_scheduler(opt, 10, 0.1, name, kwargs)
+    except (TypeError, ValueError) as exc:
+        return f"{name} does not take lr_scheduler_kwargs {dict(kwargs or {})}: {str(exc).splitlines()[0]}"
+    return None

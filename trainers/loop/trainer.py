@@ -32,6 +32,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainers.core.errors import NonFiniteError, RunInterrupted, UserError
 from trainers.core.signals import stop_point, stop_requested
@@ -115,6 +116,8 @@ class Trainer:
         self._first_bad: torch.Tensor | None = None  # deferred non-finite check: first bad step (device), -1 none
         self._bad_values: dict[str, torch.Tensor] = {}  # that step's losses and gradient norm (device)
         self._segment_start = started_at if started_at is not None else time.perf_counter()
+        self._progress: tuple[float, int, int] | None = None  # (time, global step, samples) when training began here
+        self._loss_shown = False  # the console shows a loss from the first step on, logged or not
         self.eval_every_epochs = int(self.tcfg.get("eval_every_epochs", 0) or 0)
         self.metric_for_best = str(self.tcfg.get("metric_for_best", "eval_score"))
         self.load_best_at_end = bool(self.tcfg.get("load_best_at_end", False))
@@ -149,7 +152,9 @@ class Trainer:
             self._specs = self.optimizer_specs(self.model)
             self.optimizers = build_optimizers(self._specs)
         specs = {spec.name: spec for spec in self._specs}
-        self.schedulers = {name: build_scheduler(specs[name], opt, steps) for name, opt in self.optimizers.items()}
+        kind, kwargs = self.tcfg.get("lr_scheduler", "linear"), self.tcfg.get("lr_scheduler_kwargs") or {}
+        self.schedulers = {name: build_scheduler(specs[name], opt, steps, kind, kwargs)
+                           for name, opt in self.optimizers.items()}
         if resumed:  # optimizer states after the schedulers are built (building one resets the lr)
             objects = self._pending.pop("objects")
             for name, opt in self.optimizers.items():
@@ -196,12 +201,18 @@ class Trainer:
         return metrics
 
     def _run_stage(self, stage: Stage) -> None:
+        with logging_redirect_tqdm():  # log lines go above the progress bar instead of breaking it
+            self._run_stage_steps(stage)
+
+    def _run_stage_steps(self, stage: Stage) -> None:
         total = self.stage_steps(stage)
         accum = self.tcfg.grad_accum_steps
         desc = "train" if len(self.stages) == 1 else f"stage {stage.name}"
         bar = tqdm(total=total, initial=self.state.stage_step, desc=desc, dynamic_ncols=True, leave=True,
                    disable=None if self.is_main else True)  # None: a bar on terminals only
         self.ddp_model.train()
+        if self._progress is None:
+            self._progress = (time.perf_counter(), self.state.global_step, self.state.samples_seen)
         while self.state.stage_step < total and not self.state.stopped_early:
             self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch * self.tcfg.batch_size)
             loader = make_loader(self.data.train, self.sampler, self.tcfg.batch_size, self.collate,
@@ -405,10 +416,9 @@ class Trainer:
         step = self.state.global_step
         if self._log_due(step, self.state.stage_step, total):
             record = self._log_train(stage)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
-            if bar.disable and self.is_main:  # no progress bar (not a terminal): a log line instead
-                log.info("step %d/%d: loss %.4f, accuracy %.4f", step, self.total_steps, record["loss"],
-                         record["accuracy"])
+            self._show_progress(bar, record["loss"], record["accuracy"])
+        elif not self._loss_shown:  # the first step: show its loss without a metrics.jsonl line
+            self._show_progress(bar, *self._peek_running())
         epoch_done = self.state.batch_in_epoch >= self.batches_per_epoch  # this step ended an epoch
         if ((self.tcfg.eval_every_steps and step % self.tcfg.eval_every_steps == 0)
                 or (self.eval_every_epochs and epoch_done and (self.state.epoch + 1) % self.eval_every_epochs == 0)):
@@ -416,6 +426,34 @@ class Trainer:
         is_last = self.state.stage_index == len(self.stages) - 1 and self.state.stage_step == total
         if self.tcfg.save_every_steps and step % self.tcfg.save_every_steps == 0 and not is_last:
             self.save_checkpoint()  # the final checkpoint is written after the final evaluation
+
+    def _peek_running(self) -> tuple[float, float]:
+        """This process's mean loss and accuracy since the last log line, leaving the running sums as they are."""
+        sums = dict(self.state.running)
+        for name, value in self._running.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        count = max(sums.get("count", 0.0), 1.0)
+        return sums.get("loss_sum", 0.0) / count, sums.get("correct", 0.0) / count
+
+    def progress_line(self, loss: float, accuracy: float) -> str:
+        """``step 40/938: loss 0.5120, accuracy 0.7500, 210.3 samples/s, ETA 0:04:12`` (throughput and ETA over the
+        steps this process has trained)."""
+        step, total = self.state.global_step, self.total_steps
+        line = f"step {step}/{total}: loss {loss:.4f}, accuracy {accuracy:.4f}"
+        if self._progress is not None:
+            started, first_step, first_samples = self._progress
+            elapsed, done = time.perf_counter() - started, step - first_step
+            if elapsed > 0 and done > 0:
+                eta = round(elapsed / done * max(total - step, 0))
+                line += (f", {(self.state.samples_seen - first_samples) / elapsed:.1f} samples/s, "
+                         f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        return line
+
+    def _show_progress(self, bar: Any, loss: float, accuracy: float) -> None:
+        self._loss_shown = True
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}")
+        if bar.disable and self.is_main:  # no progress bar (not a terminal): a log line instead
+            log.info("%s", self.progress_line(loss, accuracy))
 
     def _log_train(self, stage: Stage) -> dict[str, Any]:
         self._raise_if_nonfinite()
@@ -442,6 +480,7 @@ class Trainer:
         for callback in self.callbacks:
             record.update(callback.log_values(self))
         self.writer.log(record)
+        self._call("on_log", record)
         self.state.running = {}
         return record
 
@@ -457,7 +496,9 @@ class Trainer:
             raise self._nonfinite(self.state.global_step, f"non-finite evaluation {', '.join(bad)}")
         self.state.last_eval_step = self.state.global_step
         self.state.last_eval = dict(metrics)
-        self.writer.log({"step": self.state.global_step, "split": "eval", **metrics})
+        record = {"step": self.state.global_step, "split": "eval", **metrics}
+        self.writer.log(record)
+        self._call("on_log", record)
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             log.info("eval at step %d: %s", self.state.global_step, shown)

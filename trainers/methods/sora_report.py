@@ -92,17 +92,31 @@ def read_stages_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_curve(points: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str) -> Path:
+def short_value(value: Any) -> str:
+    """A swept value for a plot label: numbers (also numeric text) to 4 significant digits (0.30000000000000004 ->
+    0.3), anything else as is."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.4g}" if not isinstance(value, bool) else str(value)
+
+
+def plot_curve(points: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str,
+               sort_by_x: bool = False) -> Path:
     """Two panels, one point per entry of ``points``: eval_accuracy against gate_zero_ratio and against
-    nonzero_adapter_params, each point annotated with its label. Written as PNG (matplotlib, Agg)."""
+    nonzero_adapter_params, each point annotated with its label, joined in the order given (stages) or, with
+    ``sort_by_x``, from left to right (sweep jobs). Written as PNG (matplotlib, Agg)."""
     plt = pyplot()
-    acc = [p["eval_accuracy"] for p in points]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, key, xlabel in ((axes[0], "gate_zero_ratio", "gate zero ratio"),
                             (axes[1], "nonzero_adapter_params", "non-zero adapter parameters")):
-        xs = [p[key] for p in points]
+        order = sorted(range(len(points)), key=lambda i: points[i][key]) if sort_by_x else range(len(points))
+        xs = [points[i][key] for i in order]
+        acc = [points[i]["eval_accuracy"] for i in order]
+        labels_here = [labels[i] for i in order]
         ax.plot(xs, acc, "o-")
-        for x, y, label in zip(xs, acc, labels, strict=True):
+        for x, y, label in zip(xs, acc, labels_here, strict=True):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eval accuracy")
@@ -267,8 +281,9 @@ def plot_sweep(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
         if metrics.get("status") != "completed" or metrics.get("nonzero_adapter_params") is None:
             continue
         points.append(metrics)
-        labels.append(" ".join(f"{k}={row.get(k)}" for k in varying) or f"job {row['job']}")
+        labels.append(" ".join(f"{k.rsplit('.', 1)[-1]}={short_value(row.get(k))}" for k in varying)
+                      or f"job {row['job']}")
     if not points:
         return None
     return plot_curve(points, labels, Path(sweep_dir) / SWEEP_PNG,
-                      f"SoRA sweep: accuracy vs sparsity ({len(points)} jobs)")
+                      f"SoRA sweep: accuracy vs sparsity ({len(points)} jobs)", sort_by_x=True)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 
-GROUPS = ["adapter", "model", "dataset", "schedule", "trainer"]
+GROUPS = ["adapter", "model", "dataset", "schedule", "trainer", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 make = compose_config
@@ -155,7 +155,7 @@ def test_every_key_is_in_the_docs_table():
     doc = (REPO / "README.md").read_text()
     cfg = make(["adapter=sora"])
     keys = {f"`{k}`" for k in ("seed", "sparse_lambda", "data_root", "resume")}
-    for group in ("trainer", "dataset", "model"):
+    for group in ("trainer", "dataset", "model", "logger"):
         keys |= {f"`{group}.{k}`" for k in cfg[group]}
     for adapter in sorted(p.stem for p in (REPO / "conf" / "adapter").glob("*.yaml")):
         keys |= {f"`adapter.{k}`" for k in make([f"adapter={adapter}"]).adapter}

@@ -31,6 +31,10 @@ def test_sweep_writes_one_summary_with_failed_rows(tmp_path):
         else:
             assert row["error"] == "adapter.r must be > 0 (got 0)" and row["eval_accuracy"] == ""
     assert "Sweep summary (4 jobs, 2 failed)" in proc.stdout
+    output = proc.stdout + proc.stderr  # a progress line after each job
+    assert f"sweep {sweep}: job 0 completed (eval_accuracy " in output
+    assert f"sweep {sweep}: job 1 failed; 2 jobs done (1 completed, 1 not)" in output
+    assert f"sweep {sweep}: job 3 failed; 4 jobs done (2 completed, 2 not)" in output
     table = proc.stdout.split("Sweep summary", 1)[1].splitlines()
     assert table[1].split()[:3] == ["job", "sparse_lambda", "adapter.r"]  # only the swept keys
     assert table[3].split()[0] == "0" and table[3].split()[-1] == "completed"

@@ -101,3 +101,22 @@ def test_plot_sweep_skips_jobs_without_sora_metrics(tmp_path):
     (tmp_path / "0" / "metrics.json").write_text(json.dumps({"status": "completed", "eval_accuracy": 0.8}))
     rows = [{"job": "0", "_swept": ["adapter"], "adapter": "lora"}, {"job": "1", "_swept": ["adapter"]}]
     assert plot_sweep(tmp_path, rows) is None and not (tmp_path / SWEEP_PNG).exists()
+
+
+def test_sweep_plot_labels_are_short_and_points_sorted(tmp_path, monkeypatch):
+    import trainers.methods.sora_report as report
+
+    for job, ratio in (("0", 0.5), ("1", 0.1)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.json").write_text(json.dumps(
+            {"status": "completed", "eval_accuracy": 0.8, "gate_zero_ratio": ratio, "nonzero_adapter_params": 10}))
+    rows = [{"job": "0", "_swept": ["sparse_lambda", "adapter.gate_lr"], "sparse_lambda": "0.30000000000000004",
+             "adapter.gate_lr": 0.001},
+            {"job": "1", "_swept": ["sparse_lambda", "adapter.gate_lr"], "sparse_lambda": 0.1,
+             "adapter.gate_lr": 0.001}]
+    seen = {}
+    monkeypatch.setattr(report, "plot_curve", lambda points, labels, path, title, sort_by_x=False: seen.update(
+        labels=list(labels), sort=sort_by_x) or path)
+    report.plot_sweep(tmp_path, rows)
+    assert seen == {"labels": ["sparse_lambda=0.3", "sparse_lambda=0.1"], "sort": True}  # gate_lr does not vary
+    assert report.short_value(1e-05) == "1e-05" and report.short_value("lora") == "lora"
