@@ -6,20 +6,17 @@ import csv
 from pathlib import Path
 
 import pytest
+from _config import compose_config
 from _trainer_helpers import run_main
-from hydra import compose, initialize_config_dir
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.reports.sweep import task_table
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
-register_resolvers()
 
 
 def make(overrides, hydra=False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+    return compose_config(list(overrides), hydra=hydra)
 
 
 def test_sora_glue_has_the_official_settings():

@@ -6,19 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from _config import compose_config
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
-register_resolvers()
 
 
 def make(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["model=tiny-random-bert", *overrides])
+    return compose_config(["model=tiny-random-bert", *overrides])
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -7,19 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from _config import compose_config
 from _trainer_helpers import run_main, stderr_lines
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.data.files import read_files, read_hub, read_records
 from trainers.experiments.single import train_run
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
-register_resolvers()
 TINY = ["model=tiny-random-bert", "trainer.batch_size=4", "trainer.eval_batch_size=8", "trainer.log_every_steps=1"]
 
 PAIRS = [("A man plays a guitar.", "Someone plays music.", "yes"), ("A cat sleeps.", "A dog barks.", "no"),
@@ -35,19 +32,13 @@ def write_csv(path: Path, rows, header=("premise", "hypothesis", "answer"), sep=
 
 
 def files_cfg(**keys):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=files", *TINY])
+    cfg = compose_config(["dataset=files", *TINY])
     for key, value in keys.items():
         OmegaConf.update(cfg, f"dataset.{key}", value)
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def test_csv_pairs_with_string_labels(tmp_path):
@@ -123,10 +114,9 @@ def test_hub_reader_on_a_local_dataset_folder(tmp_path):
     folder.mkdir()
     write_csv(folder / "train.csv", PAIRS)
     write_csv(folder / "validation.csv", PAIRS[:2])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=hub", *TINY, f"dataset.path={folder}",
-                                           "dataset.text_column=premise", "dataset.text_pair_column=hypothesis",
-                                           "dataset.label_column=answer"])
+    cfg = compose_config(["dataset=hub", *TINY, f"dataset.path={folder}",
+                         "dataset.text_column=premise", "dataset.text_pair_column=hypothesis",
+                         "dataset.label_column=answer"])
     validate_config(cfg)
     raw = read_hub(cfg.dataset)
     assert raw.label_names == ["no", "yes"] and len(raw.train) == 8 and raw.eval[1] == (("A cat sleeps.",
@@ -149,9 +139,8 @@ def test_hub_class_labels_keep_their_names_and_order(tmp_path):
         str(folder / "train.parquet"))
     Dataset.from_dict({"sentence": ["e"], "label": [2]}, features=features).to_parquet(
         str(folder / "validation.parquet"))
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=hub", *TINY, f"dataset.path={folder}",
-                                           "dataset.text_column=sentence"])
+    cfg = compose_config(["dataset=hub", *TINY, f"dataset.path={folder}",
+                         "dataset.text_column=sentence"])
     raw = read_hub(cfg.dataset)
     # the dataset's own order, not sorted names: zebra stays class 0
     assert raw.label_names == ["zebra", "apple", "mango"]

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _config import compose_config
 from _trainer_helpers import read_json, run_main, stderr_lines, without_timings
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.experiments.single import train_run
@@ -21,7 +20,6 @@ CONF = Path(__file__).resolve().parents[3] / "conf"
 # 40 examples, batch 8: 5 steps per epoch
 TINY = ["model=tiny-random-bert", "dataset.max_train_samples=40", "dataset.max_eval_samples=20",
         "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.log_every_steps=5"]
-register_resolvers()
 
 
 def scripted(values):
@@ -30,8 +28,7 @@ def scripted(values):
 
 
 def make(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=TINY + list(overrides))
+    return compose_config(TINY + list(overrides))
 
 
 def evals(run: Path) -> list[dict]:
@@ -39,12 +36,7 @@ def evals(run: Path) -> list[dict]:
     return [r for r in lines if r["split"] == "eval"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def test_eval_every_epochs(tmp_path):

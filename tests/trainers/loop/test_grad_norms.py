@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from _config import compose_config
 
-from trainers.cli.run_id import register_resolvers
 from trainers.experiments.single import train_run
 from trainers.loop.grad_norms import OTHER, classify_parameters
 from trainers.loop.hooks import TrainerCallback
@@ -22,7 +21,6 @@ TINY = ["model=tiny-random-bert", "dataset.max_train_samples=40", "dataset.max_e
         "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.log_every_steps=2",
         "trainer.save_every_steps=0"]
 PROBE = "+trainer.callbacks.probe._target_=test_grad_norms.GradProbe"
-register_resolvers()
 
 
 class GradProbe(TrainerCallback):
@@ -37,8 +35,7 @@ class GradProbe(TrainerCallback):
 
 
 def make(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=TINY + list(overrides))
+    return compose_config(TINY + list(overrides))
 
 
 def train_lines(run_dir: Path) -> list[dict]:
@@ -46,12 +43,7 @@ def train_lines(run_dir: Path) -> list[dict]:
     return [x for x in lines if x["split"] == "train"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 @pytest.mark.parametrize("max_grad_norm", [1e-3, 0.0])

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from _config import TINY_RUN, compose_config
 
 from trainers.cli.schemas import validate_config
@@ -25,12 +24,7 @@ def jsonl(path: Path) -> list[dict]:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def train_lrs(path):

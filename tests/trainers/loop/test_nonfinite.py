@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _config import compose_config
 from _trainer_helpers import TINY as CLI_TINY
 from _trainer_helpers import read_json, run_main, stderr_lines
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from trainers.cli.run_id import register_resolvers
 from trainers.core.errors import NonFiniteError, UserError
 from trainers.experiments.single import train_run
 from trainers.loop.checkpoint import list_checkpoints
@@ -21,20 +20,13 @@ from trainers.loop.checkpoint import list_checkpoints
 CONF = Path(__file__).resolve().parents[3] / "conf"
 TINY = ["model=tiny-random-bert", "dataset.max_train_samples=48", "dataset.max_eval_samples=16",
         "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.log_every_steps=1"]
-register_resolvers()
 
 
 def make(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=TINY + list(overrides))
+    return compose_config(TINY + list(overrides))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def assert_checkpoints_finite(run_dir: Path) -> None:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from _config import TINY_RUN, compose_config
 from _trainer_helpers import without_timings
@@ -30,12 +29,7 @@ def jsonl(path: Path) -> list[dict]:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def expected_scalars(records: list[dict]) -> dict[str, dict[int, float]]:

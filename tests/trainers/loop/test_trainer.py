@@ -21,12 +21,7 @@ def make(overrides):
     return compose_config(TINY + list(overrides))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def jsonl(path: Path) -> list[dict]:

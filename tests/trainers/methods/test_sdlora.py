@@ -5,10 +5,10 @@ end to end with exact resume inside and between tasks."""
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
 import torch
+from _config import compose_config
 from _trainer_helpers import read_json, run_main, stderr_lines
 from omegaconf import OmegaConf
 from torch import nn
@@ -211,14 +211,10 @@ def test_bad_sdlora_values_fail_with_one_line(tmp_path, override, message):
 
 
 def test_cl_method_presets_sdlora_and_the_gated_variant():
-    from hydra import compose, initialize_config_dir
-
     from trainers.cli.schemas import validate_config
 
-    conf = str(Path(__file__).resolve().parents[3] / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        faithful = compose("config", overrides=["dataset=clinc150_cl", "+cl_method=sdlora"])
-        gated = compose("config", overrides=["dataset=clinc150_cl", "+cl_method=sdlora_gated"])
+    faithful = compose_config(["dataset=clinc150_cl", "+cl_method=sdlora"])
+    gated = compose_config(["dataset=clinc150_cl", "+cl_method=sdlora_gated"])
     validate_config(faithful)
     validate_config(gated)
     adapter = faithful.adapter

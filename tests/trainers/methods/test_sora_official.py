@@ -9,22 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from _config import compose_config
 from torch import nn
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.experiments.single import train_run
 from trainers.methods.sora import METHOD, OfficialSparseAdamW, ProximalAdamW, build_sora_optimizers, set_sparse_lambda
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
-register_resolvers()
 
 
 def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 def official_rule(p, grads, lrs, lam, betas=(0.9, 0.999), eps=1e-6):

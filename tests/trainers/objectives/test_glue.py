@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from _config import compose_config
 from _glue_helpers import KeepEvalOutputs
-from hydra import compose, initialize_config_dir
 
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.data.readers import GLUE_TASKS, load_raw, read_glue_tsv, tokenize
@@ -23,15 +21,9 @@ from trainers.objectives.metrics import f1, matthews_correlation, pearson, spear
 
 DATA_ROOT = os.environ["DATA_ROOT"]
 CONF = Path(__file__).resolve().parents[3] / "conf"
-register_resolvers()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -147,8 +139,7 @@ def test_pairs_are_encoded_as_pairs():
 
 # --------------------------------------------------------------------------------------------- end to end
 def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(list(overrides))
 
 
 TINY = ["model=tiny-random-bert", "dataset.max_train_samples=48", "dataset.max_eval_samples=40",

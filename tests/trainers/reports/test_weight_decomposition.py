@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _config import compose_config
 from _tiny_models import randomize_adapters, tiny_bert, token_batch
 from _trainer_helpers import REPO, cli_env
-from hydra import compose, initialize_config_dir
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
 from adapters import FullLinear, decomposition_change, merge_model, weight_decomposition, wrap_linears
 from trainers.analysis import main as analysis_main
-from trainers.cli.run_id import register_resolvers
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
 from trainers.experiments.single import train_run
@@ -29,20 +28,13 @@ from trainers.reports.weight_decomposition import pearson
 CONF = REPO / "conf"
 TINY = ["model=tiny-random-bert", "dataset.max_train_samples=40", "dataset.max_eval_samples=16",
         "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.log_every_steps=2", "trainer.base_lr=1e-2"]
-register_resolvers()
 
 
 def make(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=TINY + list(overrides))
+    return compose_config(TINY + list(overrides))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def read_csv(run_dir: Path) -> list[dict]:
