@@ -63,7 +63,9 @@ def start_paused(run_dir: Path, flag: Path) -> subprocess.Popen:
         [sys.executable, str(MAIN), *TINY, f"hydra.run.dir={run_dir}",
          "+trainer.callbacks.pause._target_=_fault_helpers.PauseAtStart", f"+trainer.callbacks.pause.flag={flag}",
          "+trainer.callbacks.pause.seconds=200"],
-        cwd=REPO, env=cli_env(**TESTS_ON_PATH), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=cli_env(**TESTS_ON_PATH), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background job ignores SIGINT, and Python keeps an inherited "ignore": give the run the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not flag.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
