@@ -321,3 +321,63 @@ class LowRankLinear(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+
+class TaskDirectionsLinear(AdapterLayer):
+    """An adapter on ``nn.Linear`` with one LoRA pair (A_t, B_t) per task, shared by the continual-learning layers.
+
+    The current task's pair trains; :meth:`freeze_current` freezes it and from then on scales it by
+    ``1 / (||A_t|| ||B_t||)`` (``direction_scale[t]``; a pair that never moved stays zero), so earlier tasks are
+    directions as SD-LoRA defines them. Subclasses add the per-task coefficients and open pairs with
+    :meth:`open_direction`.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"{type(self).__name__} wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        weight = base_layer.weight
+        self.register_buffer("direction_scale", torch.empty(0, device=weight.device, dtype=weight.dtype))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.lora_A)
+
+    @torch.no_grad()
+    def open_direction(self, scale: float) -> None:
+        """Append a new pair (A kaiming-uniform, B zeros) whose factor is ``scale`` until it is frozen."""
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        a = torch.empty(self.r, self.in_features, **factory)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A.append(nn.Parameter(a))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **factory)))
+        self.direction_scale = torch.cat([self.direction_scale, torch.full((1,), float(scale), **factory)])
+
+    @torch.no_grad()
+    def freeze_current(self) -> None:
+        """Freeze the current task's (A, B) and divide it by ||A|| ||B|| from now on."""
+        t = self.num_tasks - 1
+        a, b = self.lora_A[t], self.lora_B[t]
+        a.requires_grad_(False)
+        b.requires_grad_(False)
+        norm = a.norm() * b.norm()
+        # a direction that never moved (B still zero) stays zero instead of dividing by zero
+        self.direction_scale[t] = 1.0 / norm if norm > 0 else 0.0
+
+    def is_frozen_direction(self, param_name: str) -> bool:
+        """Earlier tasks' directions stay frozen."""
+        kind, _, index = param_name.partition(".")
+        return kind in ("lora_A", "lora_B") and int(index) < self.num_tasks - 1
+
+    def task_delta(self, coefficients: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        """``sum_{t in tasks} coefficients[t] B_t A_t``: the dense (out, in) update."""
+        delta = torch.zeros_like(self.base_layer.weight)
+        for t in tasks:
+            delta = delta + coefficients[t] * (self.lora_B[t] @ self.lora_A[t])
+        return delta

@@ -20,14 +20,12 @@ rank axis.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from entmax import sparsemax
 from torch import nn
 
-from .base import AdapterLayer, SharedAdapterState, adapter_layers, low_rank_linear
+from .base import AdapterLayer, SharedAdapterState, TaskDirectionsLinear, adapter_layers, low_rank_linear
 
 GATE_MODES = ("layer", "global")
 SHARED_GATE_ATTR = "gumbel_gate"  # the model attribute holding the global gate
@@ -77,7 +75,7 @@ class SharedGate(SharedAdapterState):
         return beta
 
 
-class GumbelLinear(AdapterLayer):
+class GumbelLinear(TaskDirectionsLinear):
     """A continual-learning adapter on ``nn.Linear`` with per-task directions and a task gate."""
 
     adapter_name = "gumbel"
@@ -94,60 +92,34 @@ class GumbelLinear(AdapterLayer):
         magnitude_init: float = 0.8,
         gate: str = "layer",
     ) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"GumbelLinear wraps nn.Linear, got {type(base_layer).__name__}")
         if gate not in GATE_MODES:
             raise ValueError(f"gate must be one of {', '.join(GATE_MODES)}, got {gate!r}")
         super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
         self.gate_mode = gate
         self._gate: tuple[SharedGate, ...] = ()  # the model's global gate (a tuple: not registered here)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
         self.tau = float(tau)
         self.magnitude_init = float(magnitude_init)
-        self.lora_A = nn.ParameterList()
-        self.lora_B = nn.ParameterList()
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.magnitudes = nn.Parameter(torch.empty(0, **factory))
         self.gate_logits = nn.Parameter(torch.empty(0, **factory))
         self.register_buffer("active", torch.empty(0, dtype=torch.bool, device=factory["device"]))
-        self.register_buffer("direction_scale", torch.empty(0, **factory))
         self.last_beta: torch.Tensor | None = None
         self.add_task()
 
     # -- task bookkeeping --------------------------------------------------------------------
-    @property
-    def num_tasks(self) -> int:
-        return len(self.lora_A)
-
     @torch.no_grad()
     def add_task(self) -> None:
         """Freeze and normalise the current direction (if any) and open a new one for the next task."""
         if self.num_tasks:
             self.freeze_current()
+        # the current task's direction is not normalised: its factor is the plain scaling s
+        self.open_direction(self.scaling)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
-        a = torch.empty(self.r, self.in_features, **factory)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A.append(nn.Parameter(a))
-        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **factory)))
         self.magnitudes = nn.Parameter(torch.cat([self.magnitudes, torch.full((1,), self.magnitude_init, **factory)]))
         if not self._gate:  # a global gate grows in add_gumbel_task
             self.gate_logits = nn.Parameter(torch.cat([self.gate_logits, torch.zeros(1, **factory)]))
         self.active = torch.cat([self.active, torch.ones(1, dtype=torch.bool, device=weight.device)])
-        # the current task's direction is not normalised: its factor is the plain scaling s
-        self.direction_scale = torch.cat([self.direction_scale, torch.full((1,), self.scaling, **factory)])
-
-    @torch.no_grad()
-    def freeze_current(self) -> None:
-        """Freeze the current task's (A, B) and divide it by ||A|| ||B|| from now on."""
-        t = self.num_tasks - 1
-        a, b = self.lora_A[t], self.lora_B[t]
-        a.requires_grad_(False)
-        b.requires_grad_(False)
-        norm = a.norm() * b.norm()
-        # a direction that never moved (B still zero) stays zero instead of dividing by zero
-        self.direction_scale[t] = 1.0 / norm if norm > 0 else 0.0
 
     @torch.no_grad()
     def prune_task(self, task: int) -> None:
@@ -207,18 +179,10 @@ class GumbelLinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         """sum_t beta_t alpha_t direction_t with the deterministic (eval) gate."""
         coeff = self.beta(noise=False) * self.magnitudes * self.direction_scale
-        delta = torch.zeros_like(self.base_layer.weight)
-        for t in self.active.nonzero().flatten().tolist():
-            delta = delta + coeff[t] * (self.lora_B[t] @ self.lora_A[t])
-        return delta
+        return self.task_delta(coeff, self.active.nonzero().flatten().tolist())
 
     def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
         raise ValueError("PEFT has no format for Gumbel CL-LoRA layers")
-
-    def is_frozen_direction(self, param_name: str) -> bool:
-        """Earlier tasks' directions stay frozen."""
-        kind, _, index = param_name.partition(".")
-        return kind in ("lora_A", "lora_B") and int(index) < self.num_tasks - 1
 
     def direction_parameters(self) -> int:
         """A and B entries of the active tasks only (a pruned task's pair can be dropped)."""

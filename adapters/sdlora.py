@@ -15,13 +15,11 @@ registers on the model (``model.sdlora_magnitudes``); the layers hold an unregis
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, SharedAdapterState, adapter_layers, low_rank_linear
+from .base import AdapterLayer, SharedAdapterState, TaskDirectionsLinear, adapter_layers, low_rank_linear
 
 SHARED_ATTR = "sdlora_magnitudes"  # the model attribute holding the shared magnitudes
 
@@ -45,7 +43,7 @@ class SharedMagnitudes(SharedAdapterState):
         return f"tasks={self.magnitudes.numel()}, magnitude_init={self.magnitude_init:g}"
 
 
-class SDLoraLinear(AdapterLayer):
+class SDLoraLinear(TaskDirectionsLinear):
     """SD-LoRA on ``nn.Linear``: one (A, B) pair per task (A kaiming-uniform, B zeros), no gate.
 
     ``lora_alpha`` does not enter the output (SD-LoRA scales by the magnitudes only). Stand-alone, the layer
@@ -64,17 +62,10 @@ class SDLoraLinear(AdapterLayer):
         use_rslora: bool = False,
         magnitude_init: float = 0.8,
     ) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"SDLoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
         if not magnitude_init > 0:
             raise ValueError(f"magnitude_init must be positive, got {magnitude_init!r}")
         super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        self.lora_A = nn.ParameterList()
-        self.lora_B = nn.ParameterList()
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.register_buffer("direction_scale", torch.empty(0, **factory))
         self.own_magnitudes = SharedMagnitudes(magnitude_init, 0, **factory)
         self._shared: tuple[SharedMagnitudes, ...] = ()  # a tuple: a reference nn.Module does not register
         self._open_pair()
@@ -110,19 +101,9 @@ class SDLoraLinear(AdapterLayer):
             layer.use_shared(shared)
 
     # -- task bookkeeping --------------------------------------------------------------------------
-    @property
-    def num_tasks(self) -> int:
-        return len(self.lora_A)
-
     @torch.no_grad()
     def _open_pair(self) -> None:
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        a = torch.empty(self.r, self.in_features, **factory)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A.append(nn.Parameter(a))
-        self.lora_B.append(nn.Parameter(torch.zeros(self.out_features, self.r, **factory)))
-        self.direction_scale = torch.cat([self.direction_scale, torch.ones(1, **factory)])  # current: unnormalised
+        self.open_direction(1.0)  # the current pair is not normalised
         if not self._shared:
             self.own_magnitudes.reset(self.num_tasks)
 
@@ -132,12 +113,7 @@ class SDLoraLinear(AdapterLayer):
         The magnitudes are not touched here (:func:`add_sdlora_task` resets the shared vector)."""
         if self.merged:
             raise RuntimeError("cannot add a task to a merged SD-LoRA layer; unmerge it first")
-        t = self.num_tasks - 1
-        a, b = self.lora_A[t], self.lora_B[t]
-        a.requires_grad_(False)
-        b.requires_grad_(False)
-        norm = a.norm() * b.norm()
-        self.direction_scale[t] = 1.0 / norm if norm > 0 else 0.0  # a pair that never moved stays zero
+        self.freeze_current()
         self._open_pair()
 
     # -- forward -----------------------------------------------------------------------------------------
@@ -162,19 +138,10 @@ class SDLoraLinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """sum_i coefficient_i B_i A_i (the dense update; merge folds it into W)."""
-        coeff = self.coefficients()
-        delta = torch.zeros_like(self.base_layer.weight)
-        for t in range(self.num_tasks):
-            delta = delta + coeff[t] * (self.lora_B[t] @ self.lora_A[t])
-        return delta
+        return self.task_delta(self.coefficients(), list(range(self.num_tasks)))
 
     def peft_tensors(self) -> tuple[int, dict[str, torch.Tensor]]:
         raise ValueError("PEFT has no format for SD-LoRA layers")
-
-    def is_frozen_direction(self, param_name: str) -> bool:
-        """Earlier tasks' directions stay frozen."""
-        kind, _, index = param_name.partition(".")
-        return kind in ("lora_A", "lora_B") and int(index) < self.num_tasks - 1
 
     def direction_parameters(self) -> int:
         return sum(a.numel() + b.numel() for a, b in zip(self.lora_A, self.lora_B, strict=True))
