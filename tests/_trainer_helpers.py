@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -114,3 +115,19 @@ TIMING_KEYS = ("train_samples_per_second", "wall_time_s")
 
 def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) -> its sha256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(proc, *fragments: str) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = stderr_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]

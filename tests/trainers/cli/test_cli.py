@@ -3,27 +3,10 @@ overwrites an earlier run's files."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
-from _trainer_helpers import TINY, read_json, run_main, stderr_lines
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (hidden ones too) -> its sha256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_line_error(proc, *fragments: str) -> str:
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    lines = stderr_lines(proc)
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
+from _trainer_helpers import TINY, assert_one_line_error, read_json, run_main, snapshot
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _trainer_helpers import REPO, TINY, cli_env, read_json, run_main, stderr_lines
-from test_cli import assert_one_line_error, snapshot
+from _trainer_helpers import REPO, TINY, assert_one_line_error, cli_env, read_json, run_main, snapshot, stderr_lines
 
 from trainers.core.errors import UserError
 from trainers.core.lock import LOCK_FILE, claim_dir, holds_lock, lock_dir, unlock_dir

@@ -66,7 +66,7 @@ def test_two_sweeps_started_together_get_two_folders(tmp_path):
 
 
 def test_resumed_sweep_with_a_changed_config_keeps_the_earlier_hydra_files(tmp_path):
-    from test_cli import snapshot
+    from _trainer_helpers import snapshot
 
     sweep = tmp_path / "sweep"
     assert run_main(["-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}"]).returncode == 0

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _trainer_helpers import TINY, run_main
-from test_cli import assert_one_line_error
+from _trainer_helpers import TINY, assert_one_line_error, run_main
 
 from trainers.core.errors import UserError
 from trainers.data.readers import load_raw

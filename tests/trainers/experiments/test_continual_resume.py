@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
-from _trainer_helpers import REPO, read_json, run_main
-from test_cli import assert_one_line_error, snapshot
+from _trainer_helpers import REPO, assert_one_line_error, read_json, run_main, snapshot
 
 TINY_CL = ["dataset=clinc150_cl", "model=tiny-random-bert", "dataset.num_tasks=3", "dataset.max_train_per_class=4",
            "dataset.max_eval_per_class=2", "trainer.batch_size=16", "trainer.eval_batch_size=64", "trainer.epochs=1",
