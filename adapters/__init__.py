@@ -8,6 +8,7 @@ from __future__ import annotations
 from .base import AdapterLayer, adapter_layers, lora_scaling
 from .decomposition import decomposition_change, magnitude_direction, weight_decomposition
 from .dora import DoraLinear
+from .dropout import DROPOUT_SHARING
 from .export import export_peft, peft_task_type
 from .full import FullLinear
 from .gumbel import (
@@ -45,6 +46,7 @@ from .sora import (
 
 __all__ = [
     "ADAPTERS",
+    "DROPOUT_SHARING",
     "HEAD_NAMES",
     "AdapterLayer",
     "DoraLinear",

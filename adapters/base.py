@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .dropout import SharedInputDropout
+
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     """s = lora_alpha / r, or lora_alpha / sqrt(r) for rank-stabilised LoRA."""
@@ -206,6 +208,7 @@ class AdapterLayer(nn.Module):
         self.scaling = lora_scaling(self.lora_alpha, r, use_rslora)
         self.lora_dropout_p = float(lora_dropout)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.dropout_cache: SharedInputDropout | None = None  # set by install_dropout_sharing ("shared" mode)
         self.merged = False
         self.fused = True  # use the fused fast path where it applies (see ``use_fused``)
 
@@ -234,6 +237,16 @@ class AdapterLayer(nn.Module):
     def dropout_is_identity(self) -> bool:
         """True when the branch sees exactly the input x (no dropout active)."""
         return isinstance(self.lora_dropout, nn.Identity) or not self.training
+
+    def dropout_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x_d = mask ⊙ x / (1 - p), mask ~ Bernoulli(1 - p); x itself in eval or with p = 0. Its own ``nn.Dropout``
+        (PEFT's draw), or with a ``dropout_cache`` the mask shared with the other layers reading this very ``x`` in
+        this forward pass (see :mod:`adapters.dropout`)."""
+        if self.dropout_is_identity:
+            return x
+        if self.dropout_cache is None:
+            return self.lora_dropout(x)
+        return self.dropout_cache(self, x, self.lora_dropout_p)
 
     def use_fused(self, x: torch.Tensor) -> bool:
         """Whether the fused path applies: enabled, a plain nn.Linear base without hooks, no autocast."""

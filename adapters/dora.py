@@ -167,7 +167,7 @@ class DoraLinear(LowRankLinear):
             )
         result = self.base_layer(x)
         mag_scale = self.magnitude / self.forward_norm()
-        x_d = self.lora_dropout(x)
+        x_d = self.dropout_input(x)
         lora = F.linear(F.linear(x_d, self.lora_A) * self.scaling, self.lora_B)
         bias = self.base_layer.bias
         if self.dropout_is_identity:

@@ -170,7 +170,7 @@ class GumbelLinear(TaskDirectionsLinear):
         a_cat = torch.cat([self.lora_A[t] for t in tasks])
         b_cat = torch.cat([self.lora_B[t] for t in tasks], dim=1)
         rank_coeff = coeff[tasks].repeat_interleave(self.r)
-        x_d = self.lora_dropout(x)
+        x_d = self.dropout_input(x)
         if self.use_fused(x):  # the per-rank coefficients act as the gate of the fused node
             return low_rank_linear(x, self.base_layer, a_cat, b_cat, 1.0, rank_coeff, x_d)
         hidden = F.linear(x_d, a_cat) * rank_coeff

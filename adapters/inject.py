@@ -10,6 +10,7 @@ from torch import nn
 
 from .base import AdapterLayer, replace_submodule
 from .dora import DoraLinear
+from .dropout import DROPOUT_SHARING, install_dropout_sharing
 from .full import FullLinear
 from .gumbel import GumbelLinear
 from .lora import LoraEmbedding, LoraLinear
@@ -123,17 +124,23 @@ def wrap_linears(
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     modules_to_save: Iterable[str] | None = None,
+    dropout_sharing: str = "shared",
     **adapter_kwargs,
 ) -> list[str]:
     """Replace the targeted layers of ``model`` in place by adapter layers; freeze everything else.
 
     ``modules_to_save`` names modules (e.g. the task head ``"classifier"``) that stay fully
-    trainable and are exported with the adapter. Returns the names of the wrapped modules.
-    Raises ``ValueError`` for an unknown adapter, r <= 0, a target that matches nothing, a match
-    that is not a Linear/Embedding, or a layer that is already wrapped.
+    trainable and are exported with the adapter. ``dropout_sharing``: ``"shared"`` (layers reading the same
+    input tensor in one forward pass share one dropout mask; each layer's mask keeps PEFT's distribution) or
+    ``"independent"`` (one ``nn.Dropout`` per layer, exactly PEFT's); see :mod:`adapters.dropout`.
+    Returns the names of the wrapped modules. Raises ``ValueError`` for an unknown adapter or
+    ``dropout_sharing``, r <= 0, a target that matches nothing, a match that is not a Linear/Embedding,
+    or a layer that is already wrapped.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
+    if dropout_sharing not in DROPOUT_SHARING:
+        raise ValueError(f"dropout_sharing must be one of {', '.join(DROPOUT_SHARING)}, got {dropout_sharing!r}")
     names = find_targets(model, target_modules)
     to_save = find_modules_to_save(model, modules_to_save)
     layers = {}
@@ -162,6 +169,7 @@ def wrap_linears(
         by_kind.setdefault(type(layer), []).append(layer)
     for kind, kind_layers in by_kind.items():  # tensors a method shares between layers, registered once
         kind.setup_shared(model, kind_layers)
+    install_dropout_sharing(model, list(layers.values()), dropout_sharing)
     saved = set(getattr(model, SAVED_ATTR, [])) | set(to_save)
     for name in saved:
         model.get_submodule(name).requires_grad_(True)

@@ -24,7 +24,7 @@ class LoraLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_d = self.lora_dropout(x)
+        x_d = self.dropout_input(x)
         if self.use_fused(x):
             return low_rank_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, x_branch=x_d)
         # the plain composition: scale the r-wide intermediate, not the out-wide result

@@ -131,7 +131,7 @@ class SDLoraLinear(TaskDirectionsLinear):
         a_cat = torch.cat(list(self.lora_A))
         b_cat = torch.cat(list(self.lora_B), dim=1)
         rank_coeff = self.coefficients().repeat_interleave(self.r)
-        x_d = self.lora_dropout(x)
+        x_d = self.dropout_input(x)
         if self.use_fused(x):  # the per-rank coefficients act as the gate of the fused node
             return low_rank_linear(x, self.base_layer, a_cat, b_cat, 1.0, rank_coeff, x_d)
         return self.base_layer(x) + F.linear(F.linear(x_d, a_cat) * rank_coeff.to(x.dtype), b_cat)

@@ -45,7 +45,7 @@ class SoraLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        x_d = self.lora_dropout(x)
+        x_d = self.dropout_input(x)
         if self.use_fused(x):
             return low_rank_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self.gate, x_d)
         hidden = F.linear(x_d, self.lora_A) * (self.gate * self.scaling)

@@ -25,8 +25,9 @@ TOL = {"rtol": 0, "atol": 1e-5}
 def ours_and_peft(adapter: str, dropout: float, rslora: bool = False):
     base = tiny_bert()
     ours, reference = base, copy.deepcopy(base)
+    # "independent": one nn.Dropout per layer, PEFT's own random draws (shared matches its distribution only)
     wrap_linears(ours, TARGETS, adapter=adapter, r=4, lora_alpha=8, lora_dropout=dropout,
-                 modules_to_save=["classifier"], use_rslora=rslora)
+                 modules_to_save=["classifier"], use_rslora=rslora, dropout_sharing="independent")
     randomize_adapters(ours)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, use_rslora=rslora,
                         use_dora=adapter == "dora", modules_to_save=["classifier"])

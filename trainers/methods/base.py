@@ -17,6 +17,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from adapters import DROPOUT_SHARING
 from trainers.core.errors import UserError
 from trainers.loop.hooks import TrainerCallback
 from trainers.loop.optimizers import OptimizerSpec
@@ -35,6 +36,7 @@ class LoraSchema:
     lora_dropout: float = MISSING
     target_modules: Any = MISSING
     use_rslora: bool = False
+    dropout_sharing: str = "shared"
 
 
 # the LoRA factors (``lora_A``, ``lora_B``, also ``lora_A.0`` inside a per-task ParameterList)
@@ -74,6 +76,9 @@ class Method:
         require(adapter.r > 0, f"adapter.r must be > 0 (got {adapter.r})")
         require(0.0 <= adapter.lora_dropout < 1.0,
                 f"adapter.lora_dropout must be in [0, 1) (got {adapter.lora_dropout})")
+        sharing = adapter.get("dropout_sharing", "shared")
+        require(sharing in DROPOUT_SHARING,
+                f"adapter.dropout_sharing must be one of {', '.join(DROPOUT_SHARING)} (got {sharing})")
         targets = adapter.target_modules
         require(isinstance(targets, str) or (OmegaConf.is_list(targets) and len(targets) > 0
                                              and all(isinstance(t, str) for t in targets)),
@@ -91,6 +96,8 @@ class Method:
         targets = adapter_cfg.target_modules
         targets = list(targets) if OmegaConf.is_list(targets) else targets
         kwargs = {dst: adapter_cfg[src] for src, dst in self.layer_keys.items() if src in adapter_cfg}
+        if "dropout_sharing" in adapter_cfg:  # every LoRA-family method: how the layers draw their dropout masks
+            kwargs["dropout_sharing"] = str(adapter_cfg.dropout_sharing)
         return AdapterSpec(self.name, self.layer or self.name, int(adapter_cfg.r), float(adapter_cfg.lora_alpha),
                            float(adapter_cfg.lora_dropout), targets, kwargs)
 

@@ -69,6 +69,15 @@ def test_group_specific_keys():
         assert {"max_train_samples", "max_eval_samples"} <= set(make([f"dataset={option}"]).dataset)
 
 
+@pytest.mark.parametrize("group", ["lora", "dora", "sora", "sora_official", "loraplus", "gumbel", "sdlora"])
+def test_dropout_sharing_reaches_wrap_linears(group):
+    from trainers.methods import get_method
+
+    for sharing in ("shared", "independent"):
+        adapter = make([f"adapter={group}", f"adapter.dropout_sharing={sharing}"]).adapter
+        assert get_method(adapter.name).adapter_spec(adapter).layer_kwargs["dropout_sharing"] == sharing
+
+
 def test_sparse_lambda_as_typed():
     cfg = make(["adapter=sora", "sparse_lambda=0.4"])
     assert cfg.sparse_lambda == 0.4
@@ -97,6 +106,7 @@ def test_unknown_option_and_key_fail_at_composition():
     (["adapter.r=-2"], "adapter.r must be > 0 (got -2)"),
     (["sparse_lambda=-0.1"], "sparse_lambda must be >= 0 (got -0.1)"),
     (["adapter.lora_dropout=1.0"], "adapter.lora_dropout must be in [0, 1)"),
+    (["adapter.dropout_sharing=per_token"], "adapter.dropout_sharing must be one of shared, independent"),
     (["adapter=sora", "adapter.threshold_mode=lr"],
      "adapter.threshold_mode must be one of lr_scaled, soft_absolute, official"),
     (["trainer.precision=fp8"], "trainer.precision must be one of fp32, fp16, bf16"),
