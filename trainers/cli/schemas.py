@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from trainers.core.config import without_hydra
 from trainers.core.errors import UserError
 from trainers.loop.nonfinite import POLICIES as NONFINITE_POLICIES
+from trainers.loop.optimizers import OPTIMIZER_IMPLS
 
 
 # --------------------------------------------------------------------------------------------- schemas
@@ -97,6 +98,8 @@ class TrainerSchema:
     log_grad_norms: bool = False
     on_nonfinite: str = "stop"  # stop | skip_step (trainers/loop/nonfinite.py)
     max_skipped_steps: int = 3  # skip_step: steps that may be skipped in a run before it stops
+    optimizer_impl: str = "auto"  # auto | fused | foreach | for_loop (trainers/loop/optimizers.py)
+    compile: bool = False  # torch.compile the training forward/backward
 
 
 @dataclass
@@ -256,6 +259,8 @@ def validate_config(cfg: DictConfig) -> None:
              f"{', '.join(NONFINITE_POLICIES)} (got {trainer.on_nonfinite!r})")
     _require(trainer.max_skipped_steps >= 0,
              f"trainer.max_skipped_steps must be >= 0 (got {trainer.max_skipped_steps})")
+    _require(trainer.optimizer_impl in OPTIMIZER_IMPLS, f"trainer.optimizer_impl must be one of "
+             f"{', '.join(OPTIMIZER_IMPLS)} (got {trainer.optimizer_impl!r})")
     _require(trainer.precision in PRECISIONS,
              f"trainer.precision must be one of {', '.join(PRECISIONS)} (got {trainer.precision!r})")
     resume = cfg.resume

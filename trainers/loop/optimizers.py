@@ -8,6 +8,29 @@ from typing import Any
 
 import torch
 
+# trainer.optimizer_impl: how torch runs the AdamW update (the same math; fused / foreach batch it over tensors)
+OPTIMIZER_IMPLS = {"auto": None, "fused": {"fused": True}, "foreach": {"foreach": True},
+                   "for_loop": {"foreach": False, "fused": False}}
+
+
+def build_adamw(groups: list[dict[str, Any]], impl: str | None = "auto",
+                cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs: Any) -> torch.optim.Optimizer:
+    """``cls(groups, **kwargs)`` (``torch.optim.AdamW`` or a subclass) running the ``impl`` implementation:
+    ``fused`` (one kernel over all tensors: the fastest on CPUs and GPUs), ``foreach`` (batched ops),
+    ``for_loop`` (one tensor at a time), or ``auto``: fused where torch supports it for these parameters
+    (floating point on a CPU or GPU), else torch's default; None: torch's default. All give the same update up to
+    float rounding."""
+    if impl is None:
+        return cls(groups, **kwargs)
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer impl must be one of {', '.join(OPTIMIZER_IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        return cls(groups, **OPTIMIZER_IMPLS[impl], **kwargs)
+    try:
+        return cls(groups, fused=True, **kwargs)
+    except RuntimeError:  # torch refuses fused for these parameters (device, dtype)
+        return cls(groups, **kwargs)
+
 
 @dataclass
 class OptimizerSpec:

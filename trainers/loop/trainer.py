@@ -98,6 +98,9 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None  # global gradient norm of the last logged step (on the device)
         self._step_sums: dict[str, torch.Tensor] = {}  # the current optimizer step's sums (dropped if it is skipped)
         self.ddp_model = accelerator.prepare(model)
+        # trainer.compile: the training forward/backward runs through torch.compile's wrapper; evaluation,
+        # no_sync and checkpoints keep using the plain modules (state dict keys without ``_orig_mod.``)
+        self.train_model = torch.compile(self.ddp_model) if self.tcfg.get("compile", False) else self.ddp_model
 
         by_length = self.tcfg.group_by_length and "input_ids" in data.train[0]  # text only
         lengths = [len(ex["input_ids"]) for ex in data.train] if by_length else None
@@ -247,7 +250,7 @@ class Trainer:
         no_sync = not sync and self.world_size > 1  # accumulate locally, all-reduce on the last micro-batch
         with self.accelerator.no_sync(self.ddp_model) if no_sync else contextlib.nullcontext():
             with self.accelerator.autocast():
-                outputs = self.ddp_model(**batch)
+                outputs = self.train_model(**batch)
                 extras = {}
                 for callback in self.callbacks:
                     extras.update(callback.extra_losses(self, outputs, batch))

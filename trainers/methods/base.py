@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
 from adapters import DROPOUT_SHARING
 from trainers.core.errors import UserError
 from trainers.loop.hooks import TrainerCallback
-from trainers.loop.optimizers import OptimizerSpec
+from trainers.loop.optimizers import OptimizerSpec, build_adamw
 from trainers.models.loading import AdapterSpec
 
 log = logging.getLogger(__name__)
@@ -49,10 +48,11 @@ def require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def adamw(lr: float, betas: Any, weight_decay: float) -> Any:
-    """A builder of ``torch.optim.AdamW`` for :class:`OptimizerSpec`."""
+def adamw(lr: float, betas: Any, weight_decay: float, impl: str = "auto") -> Any:
+    """A builder of ``torch.optim.AdamW`` for :class:`OptimizerSpec`, run as ``impl`` (``trainer.optimizer_impl``,
+    see :func:`~trainers.loop.optimizers.build_adamw`)."""
     betas = (float(betas[0]), float(betas[1]))
-    return lambda groups: torch.optim.AdamW(groups, lr=float(lr), betas=betas, weight_decay=float(weight_decay))
+    return lambda groups: build_adamw(groups, str(impl), lr=float(lr), betas=betas, weight_decay=float(weight_decay))
 
 
 class Method:
@@ -106,8 +106,8 @@ class Method:
         """One AdamW (``base``) over every trainable parameter, warmup ``trainer.warmup_ratio``."""
         tcfg = cfg.trainer
         params = [p for p in model.parameters() if p.requires_grad]
-        return [OptimizerSpec("base", [{"params": params}], adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay),
-                              float(tcfg.warmup_ratio))]
+        build = adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay, tcfg.optimizer_impl)
+        return [OptimizerSpec("base", [{"params": params}], build, float(tcfg.warmup_ratio))]
 
     def callbacks(self, cfg: DictConfig) -> list[TrainerCallback]:
         """The training hooks this method needs (none for plain LoRA)."""

@@ -204,7 +204,7 @@ class GumbelMethod(Method):
         groups: list[dict[str, Any]] = [{"params": base}]
         if logits:
             groups.append({"params": logits, "lr": float(logit_lr), "weight_decay": 0.0})
-        return [OptimizerSpec("base", groups, adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay),
+        return [OptimizerSpec("base", groups, adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay, tcfg.optimizer_impl),
                               float(tcfg.warmup_ratio))]
 
     def grad_components(self, cfg: DictConfig) -> dict[str, str]:

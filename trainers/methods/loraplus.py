@@ -53,7 +53,7 @@ class LoraPlusMethod(Method):
             {"params": slow},
             {"params": fast, "lr": float(tcfg.base_lr) * float(cfg.adapter.loraplus_lr_ratio)},
         ]
-        return [OptimizerSpec("base", groups, adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay),
+        return [OptimizerSpec("base", groups, adamw(tcfg.base_lr, tcfg.betas, tcfg.weight_decay, tcfg.optimizer_impl),
                               float(tcfg.warmup_ratio))]
 
 

@@ -97,7 +97,7 @@ class SDLoraMethod(Method):
             def build(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
                 return torch.optim.SGD(groups, lr=peak, momentum=momentum)
         else:
-            build = adamw(peak, tcfg.betas, tcfg.weight_decay)
+            build = adamw(peak, tcfg.betas, tcfg.weight_decay, tcfg.optimizer_impl)
         schedule = cosine_with_floor(warmup, adapter.min_lr_ratio) if adapter.lr_schedule == "cosine" else None
         return [OptimizerSpec("base", [{"params": params}], build, warmup, schedule)]
 

@@ -28,7 +28,7 @@ from torch import nn
 from adapters import is_gate_parameter
 from trainers.core.errors import UserError
 from trainers.loop.hooks import TrainerCallback
-from trainers.loop.optimizers import OptimizerSpec
+from trainers.loop.optimizers import OptimizerSpec, build_adamw
 from trainers.methods.base import LoraSchema, Method, adamw, require
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ class ProximalAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.98),
-                 eps: float = 1e-8, sparse_lambda: float = 0.0, threshold_mode: str = "lr_scaled") -> None:
+                 eps: float = 1e-8, sparse_lambda: float = 0.0, threshold_mode: str = "lr_scaled",
+                 foreach: bool | None = None, fused: bool | None = None) -> None:
         if sparse_lambda < 0:
             raise ValueError(f"sparse_lambda must be >= 0, got {sparse_lambda}")
         if threshold_mode in RENAMED_MODES:
@@ -71,7 +72,7 @@ class ProximalAdamW(torch.optim.AdamW):
         if threshold_mode not in ("lr_scaled", "soft_absolute"):
             raise ValueError(f"threshold_mode must be lr_scaled or soft_absolute, got {threshold_mode!r} "
                              f"(official: use OfficialSparseAdamW)")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach, fused=fused)
         self.defaults.update(sparse_lambda=sparse_lambda, threshold_mode=threshold_mode)
         for group in self.param_groups:
             group.setdefault("sparse_lambda", sparse_lambda)
@@ -202,12 +203,14 @@ def build_sora_optimizers(model: nn.Module, base_lr: float = 1e-4, gate_lr: floa
 
 
 def make_gate_optimizer(params: Any, lr: float, betas: tuple[float, float], sparse_lambda: float,
-                        threshold_mode: str) -> torch.optim.Optimizer:
+                        threshold_mode: str, impl: str | None = None) -> torch.optim.Optimizer:
     """The gate optimizer of ``threshold_mode``: :class:`OfficialSparseAdamW` (official; its own betas 0.9/0.999 and
-    eps 1e-6, as the official code builds it) or :class:`ProximalAdamW` (``betas``)."""
+    eps 1e-6, as the official code builds it) or :class:`ProximalAdamW` (``betas``; its AdamW part run as ``impl``,
+    see :func:`~trainers.loop.optimizers.build_adamw`; None: torch's default)."""
     if threshold_mode == "official":
         return OfficialSparseAdamW(params, lr=lr, sparse_lambda=sparse_lambda)
-    return ProximalAdamW(params, lr=lr, betas=betas, sparse_lambda=sparse_lambda, threshold_mode=threshold_mode)
+    return build_adamw(params, impl, ProximalAdamW, lr=lr, betas=betas, sparse_lambda=sparse_lambda,
+                       threshold_mode=threshold_mode)
 
 
 def resolve_gate_lr(cfg: DictConfig) -> float:
@@ -300,10 +303,10 @@ class SoraMethod(Method):
 
         def gate_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return make_gate_optimizer(groups, resolve_gate_lr(cfg), betas, float(cfg.sparse_lambda),
-                                       str(adapter.threshold_mode))
+                                       str(adapter.threshold_mode), str(tcfg.optimizer_impl))
 
-        return [OptimizerSpec("base", [{"params": base}], adamw(tcfg.base_lr, betas, tcfg.weight_decay),
-                              float(tcfg.warmup_ratio)),
+        build = adamw(tcfg.base_lr, betas, tcfg.weight_decay, tcfg.optimizer_impl)
+        return [OptimizerSpec("base", [{"params": base}], build, float(tcfg.warmup_ratio)),
                 OptimizerSpec("gate", [{"params": gates}], gate_optimizer, float(adapter.gate_warmup_ratio))]
 
     def grad_components(self, cfg: DictConfig) -> dict[str, str]:
