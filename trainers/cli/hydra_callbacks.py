@@ -15,7 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from trainers.core.errors import RunRefused, UserError
 from trainers.core.lock import claim_dir, lock_dir, unlock_dir
 from trainers.loop.metrics_log import has_results
-from trainers.reports.sweep import SUMMARY_METRICS, collect_sweep, format_table, task_table, write_summary
+from trainers.reports.sweep import (
+    SUMMARY_METRICS,
+    collect_sweep,
+    format_table,
+    seed_table,
+    task_table,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +249,9 @@ class SweepSummary(Callback):
         table = task_table(rows)
         if table is not None:  # GLUE-style sweeps: eval_score x 100 per method and task
             print(f"\neval_score x 100 by method and task (mean ±std over seeds):\n{table}", flush=True)
+        table = seed_table(rows)
+        if table is not None:  # any sweep over seeds: mean ±std per setting
+            print(f"\nmean ±std over seeds:\n{table}", flush=True)
         from trainers.methods.sora_report import plot_sweep
         from trainers.reports.curves import plot_sweep_curves
 

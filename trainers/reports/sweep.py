@@ -149,3 +149,42 @@ def task_table(rows: list[dict[str, Any]]) -> str | None:
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(out)
+
+
+SEED_TABLE_METRICS = ("eval_score", "acc_final", "aaa", "forgetting", "bwt", "active_adapters", "adapter_params",
+                      "gate_zero_ratio", "wall_time_s")
+
+
+def seed_table(rows: list[dict[str, Any]]) -> str | None:
+    """Mean ±std over seeds: one line per setting (the swept values other than ``seed``) when the sweep varies
+    ``seed``, one column per reported metric of :data:`SEED_TABLE_METRICS` (sample standard deviation over the
+    completed jobs, ``n`` their count). None when the sweep does not vary the seed."""
+    done = [r for r in rows if r.get("status") == "completed"]
+    if len({str(r.get("seed")) for r in done if "seed" in r.get("_swept", [])}) < 2:
+        return None
+    keys: list[str] = []
+    for row in done:
+        keys.extend(k for k in row.get("_swept", []) if k not in keys and k != "seed")
+    varying = [k for k in keys if len({str(r.get(k)) for r in done}) > 1]
+    settings: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in done:
+        settings.setdefault(tuple(str(row.get(k)) for k in varying), []).append(row)
+    metrics = [m for m in SEED_TABLE_METRICS if any(r.get(m) is not None for r in done)]
+    header = [*(varying or ["setting"]), "n", *metrics]
+    lines = []
+    for setting, mine in settings.items():
+        cells = []
+        for metric in metrics:
+            values = [float(r[metric]) for r in mine if r.get(metric) is not None]
+            if not values:
+                cells.append("-")
+                continue
+            mean, std = _mean_std(values)
+            digits = 0 if metric in ("adapter_params", "wall_time_s") else 2 if metric == "active_adapters" else 4
+            cells.append(f"{mean:.{digits}f} ±{std:.{digits}f}")
+        lines.append([*(setting or ("all",)), str(len(mine)), *cells])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)

@@ -10,7 +10,7 @@ from _config import compose_config
 from _trainer_helpers import run_main
 
 from trainers.cli.schemas import validate_config
-from trainers.reports.sweep import task_table
+from trainers.reports.sweep import seed_table, task_table
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 
@@ -67,6 +67,21 @@ def test_task_table_layout():
     assert "1,000" in lora and "3.0 min" in lora
     assert sora.split()[:4] == ["sora", "66.00", "20.00", "43.00"] and "700" in sora
     assert task_table([r for r in rows if r["dataset"] == "rte"]) is None  # one task: no table
+
+
+def test_seed_table_means_and_sample_std_per_setting():
+    rows = [{"cl_method": m, "seed": s, "_swept": ["cl_method", "seed"], "status": "completed", "acc_final": acc,
+             "active_adapters": act, "adapter_params": 100 * act, "wall_time_s": 60.0}
+            for m, s, acc, act in (("gumbel", 0, 0.50, 6), ("gumbel", 1, 0.60, 8), ("joint", 0, 0.80, 1),
+                                   ("joint", 1, 0.80, 1))]
+    rows.append({"cl_method": "gumbel", "seed": 2, "_swept": ["cl_method", "seed"], "status": "failed"})
+    lines = seed_table(rows).splitlines()
+    assert lines[0].split() == ["cl_method", "n", "acc_final", "active_adapters", "adapter_params", "wall_time_s"]
+    gumbel, joint = lines[2].split(), lines[3].split()
+    # mean 0.55, sample std of (0.5, 0.6) = 0.0707; failed seed 2 left out of n
+    assert gumbel == ["gumbel", "2", "0.5500", "±0.0707", "7.00", "±1.41", "700", "±141", "60", "±0"]
+    assert joint[:4] == ["joint", "2", "0.8000", "±0.0000"]
+    assert seed_table([r for r in rows if r.get("seed") == 0]) is None  # one seed: no table
 
 
 def test_glue_cpu_sweep_gives_the_table(tmp_path):
