@@ -342,7 +342,8 @@ def test_gate_logits_get_their_own_learning_rate_group():
 
     def base_optimizer(logit_lr):
         cfg = OmegaConf.create({"trainer": {"base_lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.01,
-                                            "warmup_ratio": 0.1}, "adapter": {"gate_logit_lr": logit_lr}})
+                                            "warmup_ratio": 0.1, "optimizer_impl": "for_loop"},
+                                "adapter": {"gate_logit_lr": logit_lr}})
         (spec,) = get_method("gumbel").optimizers(model, cfg)
         return spec.build(spec.param_groups)
 

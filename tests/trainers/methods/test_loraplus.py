@@ -28,7 +28,7 @@ def make(overrides):
 def optimizer_cfg(ratio: float):
     return OmegaConf.create({"adapter": {"loraplus_lr_ratio": ratio},
                              "trainer": {"base_lr": 2e-3, "betas": [0.9, 0.98], "weight_decay": 0.01,
-                                         "warmup_ratio": 0.1}})
+                                         "warmup_ratio": 0.1, "optimizer_impl": "for_loop"}})
 
 
 def test_b_gets_ratio_times_the_learning_rate_of_everything_else():

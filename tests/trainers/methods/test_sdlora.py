@@ -112,7 +112,8 @@ def test_a_new_task_freezes_normalises_and_resets_every_magnitude_to_0_8():
 
 def cfg_for(**adapter):
     base = OmegaConf.merge(OmegaConf.load("conf/adapter/sdlora.yaml"), {"lr": None})  # lr: trainer.base_lr
-    trainer = {"base_lr": 0.1, "betas": [0.9, 0.98], "weight_decay": 0.01, "warmup_ratio": 0.1, "epochs": 2}
+    trainer = {"base_lr": 0.1, "betas": [0.9, 0.98], "weight_decay": 0.01, "warmup_ratio": 0.1, "epochs": 2,
+               "optimizer_impl": "for_loop"}
     return OmegaConf.create({"adapter": OmegaConf.merge(base, adapter), "trainer": trainer})
 
 
