@@ -84,12 +84,13 @@ def _draw(panels: list[tuple[Panel, list[tuple[str, list[tuple[int, float]]]]]],
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, ((name, ylabel, log, _), lines) in zip(axes.flat, panels, strict=False):
-        for label, points in lines:
+        for label, points, *style in lines:
             if log:  # a log axis shows positive values only (e.g. dL/dA is exactly 0 while B is still 0)
                 points = [(x, y) for x, y in points if y > 0] or points
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-        if log and any(y > 0 for _, pts in lines for _, y in pts):
+            marker = "o" if len(xs) < 30 else None
+            ax.plot(xs, ys, marker=marker, markersize=3, label=label, **(style[0] if style else {}))
+        if log and any(y > 0 for _, pts, *_ in lines for _, y in pts):
             ax.set_yscale("log")
         else:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
@@ -146,9 +147,13 @@ def job_label(row: dict[str, Any], varying: Sequence[str]) -> str:
     return " ".join(parts) or str(row.get("job"))
 
 
+LINESTYLES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))  # a sweep's curves: one colour per job, one line style per series of a job
+
+
 def plot_sweep_curves(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
-    """``curves.png`` in the sweep folder: every job's curves over each other, one colour per job, labelled by
-    the overrides that vary. ``rows``: ``trainers.reports.sweep.collect_sweep``'s. None when nothing to draw."""
+    """``curves.png`` in the sweep folder: every job's curves over each other, one colour per job (one line style
+    per series when a panel draws several of a job, e.g. the gradient norms), labelled by the overrides that vary.
+    ``rows``: ``trainers.reports.sweep.collect_sweep``'s. None when nothing to draw."""
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row.get("_swept", []) if k not in keys)
@@ -156,8 +161,10 @@ def plot_sweep_curves(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | Non
     runs = [(job_label(r, varying), read_series(Path(sweep_dir) / r["job"])) for r in rows]
     panels = []
     for panel in PANELS:
-        lines = [(f"{label}: {key}" if len(picked) > 1 else label, points)
-                 for label, series in runs for picked in [panel[3](series)] for key, points in picked if points]
+        lines = [(f"{label}: {key}" if len(picked) > 1 else label, points,
+                  {"color": f"C{job % 10}", "linestyle": LINESTYLES[index % len(LINESTYLES)]})
+                 for job, (label, series) in enumerate(runs) for picked in [panel[3](series)]
+                 for index, (key, points) in enumerate(picked) if points]
         if lines:
             panels.append((panel, lines))
     if not panels:
