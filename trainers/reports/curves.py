@@ -147,7 +147,8 @@ def job_label(row: dict[str, Any], varying: Sequence[str]) -> str:
     return " ".join(parts) or str(row.get("job"))
 
 
-LINESTYLES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))  # a sweep's curves: one colour per job, one line style per series of a job
+# a sweep's curves: one colour per job, one line style per series of a job
+LINESTYLES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
 
 
 def plot_sweep_curves(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
