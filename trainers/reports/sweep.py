@@ -89,6 +89,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def render_columns(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: the header, a dashed rule, then the rows, each column padded to its widest cell."""
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the sweep: job, the overrides that vary between jobs, main metrics, status."""
     keys: list[str] = []
@@ -100,11 +107,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     columns = ["job", *(varying or ["overrides"]), *[m for m in metrics if any(r.get(m) is not None for r in rows)],
                "status"]
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+    return render_columns(columns, cells)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -144,11 +147,7 @@ def task_table(rows: list[dict[str, Any]]) -> str | None:
         kept = f"{sum(params) / len(params):,.0f}" if params else "-"
         wall = sum(float(r.get("wall_time_s") or 0.0) for r in mine)
         lines.append([method, *cells, avg, kept, f"{wall / 60:.1f} min"])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    return "\n".join(out)
+    return render_columns(header, lines)
 
 
 SEED_TABLE_METRICS = ("eval_score", "acc_final", "aaa", "forgetting", "bwt", "active_adapters", "adapter_params",
@@ -183,8 +182,4 @@ def seed_table(rows: list[dict[str, Any]]) -> str | None:
             digits = 0 if metric in ("adapter_params", "wall_time_s") else 2 if metric == "active_adapters" else 4
             cells.append(f"{mean:.{digits}f} ±{std:.{digits}f}")
         lines.append([*(setting or ("all",)), str(len(mine)), *cells])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    return "\n".join(out)
+    return render_columns(header, lines)
