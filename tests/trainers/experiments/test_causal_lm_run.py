@@ -9,7 +9,7 @@ import math
 import signal
 
 import pytest
-from _trainer_helpers import read_json, run_main, stderr_lines, without_timings
+from _trainer_helpers import assert_one_line_error, read_json, run_main, without_timings
 from omegaconf import OmegaConf
 
 from trainers.data.quotes import tag_f1
@@ -119,8 +119,7 @@ def test_embedding_lora_and_the_untrained_score(tmp_path, tokenizer_dir):
 def test_bad_causal_lm_settings_are_one_line_errors(tmp_path, tokenizer_dir, args, message):
     proc = run_main([*TINY_LM, f"model.tokenizer={tokenizer_dir}", *args, f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 1
-    lines = stderr_lines(proc)
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert_one_line_error(proc, message)
 
 
 def test_sora_on_a_causal_lm_prunes_and_saves_a_merged_causal_lm(tmp_path, tokenizer_dir):

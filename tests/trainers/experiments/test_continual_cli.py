@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _trainer_helpers import read_json, run_main, stderr_lines
+from _trainer_helpers import assert_one_line_error, read_json, run_main
 from safetensors.torch import load_file
 
 # 3 CLINC150 domains, 6 train / 4 eval examples per intent, a tiny random BERT: a few seconds per task
@@ -135,8 +135,7 @@ def test_joint_training_is_one_task_tested_per_task_and_the_sweep_table(tmp_path
 def test_bad_values_fail_with_one_line(tmp_path, override, message):
     proc = run_main(TINY_CL + [override, f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 1
-    lines = stderr_lines(proc)
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert_one_line_error(proc, message)
 
 
 def test_global_gate_run_resumes_exactly_inside_a_task(tmp_path):

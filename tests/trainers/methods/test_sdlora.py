@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 from _config import compose_config
-from _trainer_helpers import read_json, run_main, stderr_lines
+from _trainer_helpers import assert_one_line_error, read_json, run_main
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -207,8 +207,7 @@ def test_sdlora_killed_and_resumed_equals_uninterrupted(sdlora_run, tmp_path, ta
 def test_bad_sdlora_values_fail_with_one_line(tmp_path, override, message):
     proc = run_main(TINY + [override, f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 1
-    lines = stderr_lines(proc)
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert_one_line_error(proc, message)
 
 
 def test_cl_method_presets_sdlora_and_the_gated_variant():
