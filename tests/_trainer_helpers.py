@@ -110,6 +110,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def jsonl(run_dir: Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (only those of ``split``, "train" or "eval", when given)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if split is None or r.get("split") == split]
+
+
 TIMING_KEYS = ("train_samples_per_second", "wall_time_s")
 
 

@@ -4,7 +4,6 @@ base model id is portable; the tokenizer, the labels and a model card travel wit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +18,6 @@ SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but 
 
 def make(overrides):
     return compose_config(TINY_RUN + list(overrides))
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 

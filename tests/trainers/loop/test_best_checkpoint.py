@@ -3,13 +3,12 @@ kill. A scripted evaluation metric (tests/_best_helpers.py) decides which evalua
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from _config import compose_config
-from _trainer_helpers import read_json, run_main, stderr_lines, without_timings
+from _trainer_helpers import jsonl, read_json, run_main, stderr_lines, without_timings
 from safetensors.torch import load_file
 
 from trainers.cli.schemas import validate_config
@@ -31,26 +30,21 @@ def make(overrides):
     return compose_config(TINY + list(overrides))
 
 
-def evals(run: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["split"] == "eval"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
 def test_eval_every_epochs(tmp_path):
     metrics = train_run(make(["trainer.epochs=3", "trainer.eval_every_epochs=1"]), tmp_path)
-    assert [r["step"] for r in evals(tmp_path)] == [5, 10, 15]
+    assert [r["step"] for r in jsonl(tmp_path, "eval")] == [5, 10, 15]
     assert "best_step" not in metrics  # nothing selected unless asked
     train_run(make(["trainer.epochs=4", "trainer.eval_every_epochs=2"]), tmp_path / "two")
-    assert [r["step"] for r in evals(tmp_path / "two")] == [10, 20]
+    assert [r["step"] for r in jsonl(tmp_path / "two", "eval")] == [10, 20]
 
 
 def test_load_best_at_end_ends_with_the_best_evaluation(tmp_path):
     metrics = train_run(make(["trainer.epochs=4", "trainer.eval_every_epochs=1", "trainer.load_best_at_end=true",
                               *scripted([0.1, 0.9, 0.3, 0.2])]), tmp_path)
-    lines = evals(tmp_path)
+    lines = jsonl(tmp_path, "eval")
     assert [r["eval_scripted"] for r in lines] == [0.1, 0.9, 0.3, 0.2]
     best = lines[1]
     assert (metrics["best_step"], metrics["best_metric"], metrics["global_step"]) == (10, 0.9, 20)
@@ -70,7 +64,7 @@ def test_load_best_at_end_ends_with_the_best_evaluation(tmp_path):
 def test_lower_is_better_for_losses_and_the_best_can_be_the_last(tmp_path):
     metrics = train_run(make(["trainer.epochs=3", "trainer.eval_every_epochs=1", "trainer.load_best_at_end=true",
                               "trainer.metric_for_best=eval_loss", "trainer.base_lr=1e-2"]), tmp_path)
-    lines = evals(tmp_path)
+    lines = jsonl(tmp_path, "eval")
     best = min(lines, key=lambda r: r["eval_loss"])
     assert metrics["best_step"] == best["step"] and metrics["eval_loss"] == best["eval_loss"]
 
@@ -78,7 +72,7 @@ def test_lower_is_better_for_losses_and_the_best_can_be_the_last(tmp_path):
 def test_early_stopping(tmp_path):
     metrics = train_run(make(["trainer.epochs=8", "trainer.eval_every_epochs=1",
                               "trainer.early_stopping_patience=2", *scripted([0.5, 0.4, 0.3, 0.9, 1.0])]), tmp_path)
-    assert [r["step"] for r in evals(tmp_path)] == [5, 10, 15]
+    assert [r["step"] for r in jsonl(tmp_path, "eval")] == [5, 10, 15]
     assert (metrics["global_step"], metrics["stopped_early"], metrics["best_step"]) == (15, True, 5)
     assert metrics["eval_scripted"] == 0.3  # without load_best_at_end the run ends with its last weights
     assert (tmp_path / "checkpoints" / "step-00000015").is_dir()
@@ -115,7 +109,7 @@ def test_best_and_early_stopping_resume_exactly_after_a_kill(kill_at, tmp_path):
     a, b = read_json(whole / "metrics.json"), read_json(run / "metrics.json")
     assert without_timings(a) == without_timings(b)
     assert (a["global_step"], a["best_step"], a["stopped_early"]) == (20, 10, True)
-    assert evals(whole) == evals(run)
+    assert jsonl(whole, "eval") == jsonl(run, "eval")
     for name in ("adapter/adapter_model.safetensors", "checkpoints/best/adapter.safetensors"):
         wa, wb = load_file(str(whole / name)), load_file(str(run / name))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -4,13 +4,13 @@ from the gradients the optimizer was about to use."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from _config import compose_config
+from _trainer_helpers import jsonl
 
 from trainers.experiments.single import train_run
 from trainers.loop.grad_norms import OTHER, classify_parameters
@@ -38,11 +38,6 @@ def make(overrides):
     return compose_config(TINY + list(overrides))
 
 
-def train_lines(run_dir: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if x["split"] == "train"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
 
 
@@ -51,7 +46,7 @@ def test_global_norm_before_clipping_at_every_logged_step(tmp_path, max_grad_nor
     GradProbe.seen = {}
     cfg = make([f"trainer.max_grad_norm={max_grad_norm}", PROBE])
     train_run(cfg, tmp_path)
-    lines = train_lines(tmp_path)
+    lines = jsonl(tmp_path, "train")
     assert [x["step"] for x in lines] == [2, 4, 5]
     for line in lines:
         expected = math.sqrt(sum(v * v for v in GradProbe.seen[line["step"]].values()))
@@ -71,7 +66,7 @@ def test_component_norms(tmp_path, adapter, components):
     cfg = make([f"adapter={adapter}", "trainer.log_grad_norms=true", PROBE])
     train_run(cfg, tmp_path)
     suffix = {"lora_A": ".lora_A", "lora_B": ".lora_B", "magnitude": ".magnitude", "gate": ".gate"}
-    for line in train_lines(tmp_path):
+    for line in jsonl(tmp_path, "train"):
         logged = {k[len("grad_norm_"):]: v for k, v in line.items() if k.startswith("grad_norm_")}
         assert set(logged) == components
         seen = GradProbe.seen[line["step"]]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 from _config import TINY_RUN, compose_config
+from _trainer_helpers import jsonl
 
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
@@ -17,10 +16,6 @@ from trainers.loop.checkpoint import config_differences
 
 def make(overrides):
     return compose_config(TINY_RUN + list(overrides))
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 
@@ -81,7 +76,7 @@ def test_checkpoints_from_before_the_key_still_match_the_default():
 
 def test_callbacks_given_as_one_dict_and_on_log_sees_every_record(tmp_path):
     train_run(make(["trainer.callbacks={rec: {_target_: _trainer_helpers.Recorder}}"]), tmp_path)
-    from _trainer_helpers import Recorder
+    from _trainer_helpers import Recorder, jsonl
 
     calls = Recorder.last.calls
     assert calls.count("on_log") == len(jsonl(tmp_path)) > 0

@@ -7,12 +7,11 @@ import csv
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from _config import TINY_RUN, compose_config
-from _trainer_helpers import without_timings
+from _trainer_helpers import jsonl, without_timings
 
 from trainers.cli.schemas import validate_config
 from trainers.core.errors import UserError
@@ -22,10 +21,6 @@ from trainers.loop import trackers
 
 def make(overrides):
     return compose_config(TINY_RUN + list(overrides))
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 

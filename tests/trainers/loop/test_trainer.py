@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from _config import TINY_RUN, compose_config
-from _trainer_helpers import read_json
+from _trainer_helpers import jsonl, read_json
 from safetensors.torch import load_file
 
 from trainers.experiments.single import train_run
@@ -22,10 +19,6 @@ def make(overrides):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small runs on one thread (conftest.py)
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("adapter", ["lora", "dora", "sora", "gumbel"])
