@@ -13,14 +13,17 @@ mask, drawn once, and one product ``x_d``:
 - eval mode has no dropout; the random numbers drawn depend only on the forward's structure, so runs (and
   resumed runs) with the same seed draw the same masks, and a checkpointed segment recomputes the same masks.
 
-The mask comes from ``torch.rand(...) >= p`` (one float32 uniform per entry), about twice as fast on CPUs as
-the ``bernoulli_`` that ``nn.Dropout`` uses, with the same distribution; it is not PEFT's random stream.
+The masks come from :func:`dropout_mask`: on CPUs numpy's SFC64 generator seeded from torch's generator, about
+4x faster than ``nn.Dropout``'s ``bernoulli_`` (2x faster than float32 uniforms), with the same distribution; it
+is not PEFT's random stream. :class:`FastDropout` puts the same generator into the model's own dropout modules
+(``model.fast_dropout``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,9 +32,52 @@ CACHE_ATTR = "adapter_dropout_cache"  # the model attribute holding the model's 
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """mask / (1 - p) with mask_i ~ Bernoulli(1 - p) i.i.d., shaped and typed like ``x``: float32 uniforms u,
-    kept where u >= p (so the keep probability is 1 - p to within 2^-24 whatever ``x``'s dtype)."""
+    """mask / (1 - p) with mask_i ~ Bernoulli(1 - p) i.i.d., shaped and typed like ``x`` (0 <= p < 1).
+
+    On a CPU the keep decisions are 32-bit words from numpy's SFC64 generator, kept where word >= round(p 2^32)
+    (keep probability 1 - p to within 2^-33), seeded by two draws from torch's generator: the masks follow
+    ``torch.manual_seed``, its saved and restored states, and activation checkpointing's recomputation. Applied to a
+    32 x 16 x 384 input this is 4x faster than ``nn.Dropout`` (torch's CPU generator runs one serial mt19937 call
+    per entry). Elsewhere: float32
+    uniforms ``torch.rand(...) >= p`` (keep probability 1 - p to within 2^-24).
+    """
+    if x.device.type == "cpu":
+        return torch.from_numpy(_cpu_keep_mask(x.numel(), p)).view(x.shape).to(x.dtype).div_(1.0 - p)
     return torch.rand(x.shape, device=x.device).ge_(p).to(x.dtype).div_(1.0 - p)
+
+
+def _cpu_keep_mask(n: int, p: float) -> np.ndarray:
+    """n float32 entries, 1 with probability 1 - round(p 2^32) / 2^32, else 0."""
+    # a CPU tensor: .numpy() shares its memory, there is no device to synchronise with
+    seed = torch.randint(-(2**63), 2**63 - 1, (2,)).numpy().view(np.uint64)
+    words = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    return (words >= np.uint32(min(round(p * 2**32), 2**32 - 1))).astype(np.float32)
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` (same p, same distribution: each entry kept with probability 1 - p, scaled by 1 / (1 - p))
+    drawing its mask with :func:`dropout_mask`, about 4x faster on CPUs; a different random stream."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return x * 0.0
+        return x * dropout_mask(x, self.p)
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Replace every plain ``nn.Dropout`` module of ``model`` by a :class:`FastDropout` with the same p; returns
+    how many were replaced. Dropout done inside other ops (e.g. attention's ``dropout_p``) is left as it is."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                fast = FastDropout(child.p)
+                fast.train(child.training)
+                setattr(module, name, fast)
+                replaced += 1
+    return replaced
 
 
 class SharedInputDropout:

@@ -33,6 +33,7 @@ class ModelSchema:
     gguf_file: str | None = None  # a GGUF file inside pretrained / tokenizer (transformers dequantises it)
     embedding_targets: list[str] = field(default_factory=list)  # nn.Embedding modules given an Embedding LoRA
     hub_id: str | None = None  # the base model's portable id in exports (base_model_name_or_path, model card)
+    fast_dropout: bool = True  # the model's own nn.Dropout modules draw masks with adapters.dropout's generator
 
 
 @dataclass

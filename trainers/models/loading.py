@@ -155,9 +155,20 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec, modules_to_save: list[str
         raise UserError(f"adapter {spec.name}: {exc}") from None
 
 
+def fast_model_dropout(model: nn.Module, model_cfg: Any) -> None:
+    """With ``model.fast_dropout`` (default true) the model's own ``nn.Dropout`` modules draw their masks with
+    the adapters' faster generator (same distribution, another random stream); called before injection, so
+    adapter layers keep the dropout ``adapter.dropout_sharing`` gives them."""
+    if model_cfg.get("fast_dropout", True):
+        from adapters.dropout import use_fast_dropout
+
+        log.debug("fast dropout in %d of the model's dropout modules", use_fast_dropout(model))
+
+
 def build_model(model_cfg: Any, spec: AdapterSpec, num_labels: int) -> tuple[nn.Module, list[str]]:
     """Load the classifier and inject the adapter; returns ``(model, wrapped module names)``."""
     model = load_classifier(model_cfg, num_labels)
+    fast_model_dropout(model, model_cfg)
     wrapped = apply_adapter(model, spec, list(model_cfg.modules_to_save or []))
     return model, wrapped
 
@@ -185,6 +196,7 @@ def load_causal_lm(model_cfg: Any) -> nn.Module:
 def build_causal_lm(model_cfg: Any, spec: AdapterSpec) -> tuple[nn.Module, list[str]]:
     """Load a causal LM and inject the adapter (plus an Embedding LoRA on ``model.embedding_targets``)."""
     model = load_causal_lm(model_cfg)
+    fast_model_dropout(model, model_cfg)
     wrapped = apply_adapter(model, spec, list(model_cfg.modules_to_save or []))
     embeddings = list(model_cfg.get("embedding_targets") or [])
     if embeddings:
