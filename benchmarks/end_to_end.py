@@ -7,7 +7,7 @@ Both sides train the embedded all-MiniLM-L6-v2 on the same SST-2 subset (``datas
 subset, tokenised by the same code, max 64 tokens) with main.py's defaults: r 8, lora_alpha 16, dropout
 0.1 on all linear layers with the classifier trained in full, batch 32, AdamW lr 1e-3 (betas 0.9/0.98,
 weight decay 0.01), linear warmup 10 %, clipping at 1.0, length-grouped batches, one epoch, checkpoints
-every 100 steps (2 kept), evaluation on the 872 dev sentences at the end, seed 42. Each run is a fresh
+every 100 steps (2 kept), evaluation on the 872 dev sentences at the end, seed 42 (`--seed`). Each run is a fresh
 process; the runs are interleaved (ours, theirs, ours, theirs, ...) so machine noise falls on both alike.
 
 Reported per run: train samples/s (examples over the wall time from the first step's start to the last
@@ -119,7 +119,8 @@ def run_ours(method: str, samples: int, out: Path) -> dict[str, Any]:
     """``python main.py`` with the same settings in a subprocess; its step clock gives the training time."""
     clock = out / "steps.json"
     cmd = [sys.executable, str(ROOT / "main.py"), f"adapter={method}", f"dataset.max_train_samples={samples}",
-           f"hydra.run.dir={out / 'run'}", "+trainer.callbacks.bench_clock._target_=benchmarks.end_to_end.PeakClock",
+           f"seed={SETTINGS['seed']}", f"hydra.run.dir={out / 'run'}",
+           "+trainer.callbacks.bench_clock._target_=benchmarks.end_to_end.PeakClock",
            f"+trainer.callbacks.bench_clock.path={clock}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -148,7 +149,7 @@ def one_run(side: str, method: str, samples: int) -> dict[str, Any]:
             result = run_ours(method, samples, out)
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_hf", method, "--samples", str(samples),
-                   "--_out", str(out)]
+                   "--seed", str(SETTINGS["seed"]), "--_out", str(out)]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
             if proc.returncode != 0:
@@ -185,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8000, help="SST-2 training examples (1 epoch)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians are reported)")
     parser.add_argument("--methods", default="lora,dora,sora", help="comma-separated; sora runs on our side only")
+    parser.add_argument("--seed", type=int, default=SETTINGS["seed"], help="the seed of both sides (main.py's is 42)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "end_to_end.json")
     parser.add_argument("--_hf", help=argparse.SUPPRESS)
     parser.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
@@ -193,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
+    SETTINGS["seed"] = args.seed
     if args._hf:  # the child process of one Trainer + PEFT run
         result = run_hf_trainer(args._hf, args.samples, args._out)
         (args._out / "result.json").write_text(json.dumps(result))
