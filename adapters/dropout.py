@@ -7,7 +7,7 @@ pass of the model (query, key and value of an attention block; gate and up proje
 mask, drawn once, and one product ``x_d``:
 
 - each layer's marginal is unchanged: every entry is kept with probability 1 - p and scaled by 1 / (1 - p),
-  independently across entries (the uniforms are float32, so 1 - p holds to within 2^-24);
+  independently across entries (1 - p holds to within 2^-33 on CPUs, 2^-24 elsewhere; see :func:`dropout_mask`);
 - only the masks of layers reading the same input become identical; layers with different inputs, and the same
   layer called twice (a second forward pass, a reused layer), draw independent masks;
 - eval mode has no dropout; the random numbers drawn depend only on the forward's structure, so runs (and
@@ -36,10 +36,10 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
     On a CPU the keep decisions are 32-bit words from numpy's SFC64 generator, kept where word >= round(p 2^32)
     (keep probability 1 - p to within 2^-33), seeded by two draws from torch's generator: the masks follow
-    ``torch.manual_seed``, its saved and restored states, and activation checkpointing's recomputation. Applied to a
-    32 x 16 x 384 input this is 4x faster than ``nn.Dropout`` (torch's CPU generator runs one serial mt19937 call
-    per entry). Elsewhere: float32
-    uniforms ``torch.rand(...) >= p`` (keep probability 1 - p to within 2^-24).
+    ``torch.manual_seed``, its saved and restored states, and activation checkpointing's recomputation. Applied
+    to a 32 x 16 x 384 input this is 4x faster than ``nn.Dropout`` (torch's CPU generator runs one serial
+    mt19937 call per entry). Elsewhere: float32 uniforms ``torch.rand(...) >= p`` (keep probability 1 - p to
+    within 2^-24).
     """
     if x.device.type == "cpu":
         return torch.from_numpy(_cpu_keep_mask(x.numel(), p)).view(x.shape).to(x.dtype).div_(1.0 - p)
