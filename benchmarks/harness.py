@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters import find_targets, wrap_linears
-from trainers.core.malloc import MALLOC_ENV, MMAP_THRESHOLD, TRIM_THRESHOLD, steady_malloc  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -349,8 +348,35 @@ def peak_step_memory(variant: Variant, batch: dict[str, torch.Tensor], device: t
 
 
 # -- malloc ------------------------------------------------------------------------------------
-# trainers.core.malloc (imported above): main.py pins the same thresholds itself (trainer.steady_malloc); a
-# benchmark pins them in its own process with steady_malloc() and in a child's with MALLOC_ENV
+MMAP_THRESHOLD = 1 << 25  # 32 MiB, the largest glibc accepts on 64-bit: smaller blocks come from the heap
+TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap instead of handing it back to the OS
+MALLOC_ENV = {  # the same for a child process (main.py), through glibc's environment variables
+    "GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}",
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+}
+
+
+def steady_malloc() -> bool:
+    """Pin glibc's mmap and trim thresholds (``mallopt``) so freed activations are reused, not unmapped.
+
+    With glibc's dynamic defaults, whether a step's large temporaries come back as fresh pages
+    (tens of thousands of page faults per step, 3-8% of a step here) depends on the allocation
+    history of the process, so it differs from variant to variant and run to run for reasons
+    that have nothing to do with the layers. jemalloc and tcmalloc behave like this setting.
+    Returns False where it does not apply (not Linux/glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD) and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 # -- environment -------------------------------------------------------------------------------

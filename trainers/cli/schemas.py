@@ -101,7 +101,6 @@ class TrainerSchema:
     max_skipped_steps: int = 3  # skip_step: steps that may be skipped in a run before it stops
     optimizer_impl: str = "auto"  # auto | fused | foreach | for_loop (trainers/loop/optimizers.py)
     compile: bool = False  # torch.compile the training forward/backward
-    steady_malloc: bool = True  # pin glibc's malloc thresholds for the run (trainers/core/malloc.py)
 
 
 @dataclass

@@ -179,10 +179,6 @@ class Session:
             except Exception as exc:  # e.g. no tracking server, a refused store, bad logger.init_kwargs
                 raise UserError(f"logger={cfg.logger.name} could not start: {first_line(exc)}") from None
         set_seed(int(cfg.seed))
-        if cfg.trainer.get("steady_malloc", True):
-            from trainers.core.malloc import steady_malloc
-
-            steady_malloc()
         self.text = cfg.model.get("modality", "text") == "text"
         self.tokenizer = load_tokenizer(cfg.model) if self.text else None
         self.objective = build_objective(cfg, self.tokenizer)
