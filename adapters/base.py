@@ -72,6 +72,11 @@ def rank_reduce_tokens(left_t: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
     return torch.bmm(left_blocks, tokens.view(chunks, n // chunks, k)).sum(0)
 
 
+def linear_2d(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b for a 2-D x."""
+    return torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+
+
 class _LowRankLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b + s ((x_d Aᵀ) ⊙ g) Bᵀ in one node; x_d is the branch input (None: x itself), g optional.
 
@@ -91,7 +96,7 @@ class _LowRankLinearFn(torch.autograd.Function):
         xb2 = x2 if x_branch is None else x_branch.reshape(-1, x_branch.shape[-1])
         h_t = rank_times_tokens(lora_A, xb2)
         hg_t = h_t if gate is None else h_t * gate.unsqueeze(1)
-        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        y = linear_2d(x2, weight, bias)
         y.addmm_(hg_t.t(), lora_B.t(), alpha=scaling)
         # with a separate branch input, x itself is needed only for the gradient of a trainable W
         keep_x = x_branch is None or ctx.needs_input_grad[2]

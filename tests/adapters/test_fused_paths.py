@@ -1,6 +1,7 @@
 """The fused fast paths (one autograd node per layer) give the same outputs and gradients as the plain
 composition of modules, in float64, for every adapter, with and without bias, dropout, a trainable
-base layer, and token counts on both sides of the DoRA backward's folding threshold."""
+base layer, token counts on both sides of the DoRA backward's folding threshold and of the merged-weight
+threshold (``merging_pays``), and DoRA's node with a dropped input."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from adapters import DoraLinear, GumbelLinear, LoraLinear, SoraLinear
 from adapters.base import _token_chunks, rank_reduce_tokens, rank_times_tokens
+from adapters.dora import merged_weight, merging_pays
 
 CLASSES = [LoraLinear, DoraLinear, SoraLinear, GumbelLinear]
 EXACT = {"rtol": 1e-12, "atol": 1e-12}
@@ -156,3 +158,47 @@ def test_fused_equals_plain_with_token_blocks(cls, two_threads):
     torch.testing.assert_close(y_fused, y_plain, **EXACT)
     for name in g_plain:
         torch.testing.assert_close(g_fused[name], g_plain[name], **EXACT, msg=name)
+
+
+def test_merging_pays_once_tokens_cover_the_weight():
+    """DoRA uses the merged weight once tokens x (in + out) >= 4 in out (768 tokens for a 384 x 384 layer)."""
+    square, wide = torch.empty(384, 384), torch.empty(1536, 384)
+    assert not merging_pays(767, square) and merging_pays(768, square)
+    assert not merging_pays(1228, wide) and merging_pays(1229, wide)
+    w, a, b = (torch.randn(s, dtype=torch.float64) for s in ((5, 7), (3, 7), (5, 3)))
+    torch.testing.assert_close(merged_weight(w, a, b, 2.0), w + 2.0 * b @ a, **EXACT)
+
+
+# (in, out, tokens, DoRA merges, DoRA folds m / n into W): all four combinations of the two thresholds
+PATHS = [(40, 10, 36, True, False), (12, 40, 15, False, True), (12, 10, 36, True, True), (12, 10, 6, False, False)]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize(("in_f", "out_f", "tokens", "merges", "folds"), PATHS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_equals_plain_on_both_sides_of_merging(cls, in_f, out_f, tokens, merges, folds, dropout):
+    layer = make_layer(cls, bias=True, dropout=dropout, in_f=in_f, out_f=out_f)
+    assert merging_pays(tokens, layer.base_layer.weight) == merges and (tokens > in_f) == folds
+    x = torch.randn(tokens, in_f, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y_fused, g_fused = run(layer, x, fused=True)
+    y_plain, g_plain = run(layer, x, fused=False)
+    torch.testing.assert_close(y_fused, y_plain, **EXACT)
+    assert g_fused.keys() == g_plain.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], **EXACT, msg=name)
+    with torch.no_grad():  # inference takes the same paths without a graph
+        layer.eval()
+        layer.fused = True
+        y_eval = layer(x)
+        layer.fused = False
+        torch.testing.assert_close(y_eval, layer(x), **EXACT)
+
+
+def test_dora_with_dropout_is_one_node_unless_the_base_trains():
+    layer = make_layer(DoraLinear, bias=True, dropout=0.3)
+    x = torch.randn(20, 12, dtype=torch.float64)
+    assert type(layer(x).grad_fn).__name__ == "_DoraLinearFnBackward"
+    layer.base_layer.weight.requires_grad_(True)  # the node does not give dW with a dropped input
+    assert type(layer(x).grad_fn).__name__ not in FUSED_NODES
+    y_plain, g_plain = run(layer, x, fused=True)
+    assert g_plain["base_layer.weight"] is not None
