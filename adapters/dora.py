@@ -120,7 +120,7 @@ class _DoraLinearFn(torch.autograd.Function):
             y = z * mag_scale if bias is None else torch.addcmul(bias, z, mag_scale)
         else:
             y = linear_2d(x2 - xb2, weight, bias).addcmul_(z, mag_scale)
-        ctx.save_for_backward(x2 if x_branch is None or ctx.needs_input_grad[2] else None,
+        ctx.save_for_backward(x2 if x_branch is None else None,  # with x_d, only gy W and x_d are needed
                               None if x_branch is None else xb2, h_t, z, weight, lora_A, lora_B, mag_scale, norm)
         ctx.scaling = scaling
         ctx.merged = merged
