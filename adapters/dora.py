@@ -140,7 +140,7 @@ class _DoraLinearFn(torch.autograd.Function):
         gy = grad_out.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = grad_n = None
         if need_m or need_n:
-            grad_mn = (gy * z).sum(0).div_(norm)  # dL/dm; dL/dn = -dL/dm * m / n = -dL/dm * c
+            grad_mn = torch.linalg.vecdot(gy, z, dim=0).div_(norm)  # dL/dm; dL/dn = -dL/dm * m / n = -dL/dm * c
             grad_m = grad_mn if need_m else None
             grad_n = -grad_mn * mag_scale if need_n else None
         if need_bias:
@@ -179,7 +179,7 @@ class _DoraLinearFn(torch.autograd.Function):
         gy = grad_out.reshape(-1, weight.shape[0])
         grad_x = grad_xb = grad_bias = grad_a = grad_b = grad_m = grad_n = None
         if need_m or need_n:
-            grad_mn = (gy * z).sum(0).div_(norm)
+            grad_mn = torch.linalg.vecdot(gy, z, dim=0).div_(norm)
             grad_m = grad_mn if need_m else None
             grad_n = -grad_mn * mag_scale if need_n else None
         if need_bias:

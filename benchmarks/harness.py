@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters import find_targets, wrap_linears
+from trainers.loop.optimizers import build_adamw
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -164,12 +165,14 @@ def build_variant(
     lr: float = 1e-4,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    optimizer_impl: str = "auto",
 ) -> Variant:
     """A deep copy of ``base`` set up as the step variant ``name`` (one of ``STEP_VARIANTS``).
 
     floor: frozen, the embedding block's output requires grad, no optimizer; full: every parameter
     trains; lora, dora, sora: ours on all linear layers; peft_lora, peft_dora: PEFT on the same layers.
-    Adapters train the classifier too (``modules_to_save=["classifier"]``).
+    Adapters train the classifier too (``modules_to_save=["classifier"]``). Every variant but the floor steps AdamW
+    run as ``optimizer_impl`` says (``trainer.optimizer_impl``'s choices; ``auto``, main.py's default, is fused).
     """
     if name not in STEP_VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(STEP_VARIANTS)}")
@@ -196,7 +199,7 @@ def build_variant(
             raise RuntimeError(f"PEFT wrapped {len(wrapped)} layers, ours {len(targets)}: the comparison is unfair")
     model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr) if name != "floor" else None
+    optimizer = build_adamw([{"params": params}], optimizer_impl, lr=lr) if name != "floor" else None
     return Variant(name, model, optimizer, sum(p.numel() for p in params), sorted(wrapped))
 
 

@@ -4,8 +4,9 @@
     python benchmarks/step_time.py --quick          # a fast smoke run (fewer rounds, no end-to-end part)
     python benchmarks/step_time.py --device cuda --dtype bfloat16
 
-One step is forward, backward and the optimizer (AdamW on the trainable parameters) on the embedded
-all-MiniLM-L6-v2 with a classification head. The variants (``harness.build_variant``):
+One step is forward, backward and the optimizer (AdamW on the trainable parameters, fused as main.py runs it:
+``--optimizer-impl``) on the embedded all-MiniLM-L6-v2 with a classification head. The variants
+(``harness.build_variant``):
 
     floor      the frozen model: forward + backward through the activations only (the embedding
                output requires grad), no weight gradient and no optimizer; no adapter can be cheaper
@@ -61,6 +62,7 @@ from benchmarks.harness import (
 )
 from benchmarks.inference import bench_inference, format_inference
 from benchmarks.trainer_overhead import bench_end_to_end, format_end_to_end
+from trainers.loop.optimizers import OPTIMIZER_IMPLS
 
 PEFT_OF = {"lora": "peft_lora", "dora": "peft_dora"}
 TARGETS = {  # issue 7: the goals, as (variant, reference, largest allowed ratio)
@@ -85,6 +87,7 @@ def bench_steps(
     dtype: torch.dtype = torch.float32,
     clock: str = "wall",
     log: dict[str, Any] | None = None,
+    optimizer_impl: str = "auto",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Variant]]:
     """Median step time, peak memory and trainable parameters of every step variant.
 
@@ -97,7 +100,8 @@ def bench_steps(
     batch = max(batches, key=lambda b: b["input_ids"].numel())
     device = torch.device(device)
     variants = {
-        n: build_variant(n, base, r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, device=device, dtype=dtype)
+        n: build_variant(n, base, r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, device=device, dtype=dtype,
+                         optimizer_impl=optimizer_impl)
         for n in names
     }
     def cycling(variant: Variant) -> Callable[[], None]:
@@ -181,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_model_args(parser)
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--optimizer-impl", choices=tuple(OPTIMIZER_IMPLS), default="auto",
+                        help="how AdamW runs (trainer.optimizer_impl): auto = fused where torch has it, as main.py")
     parser.add_argument("--lengths", choices=("fixed", "sst2"), default="fixed",
                         help="fixed: batch x seq-len random tokens; sst2: real SST-2 sentences of their own lengths\n"
                              "(8 length-grouped batches cycled through, at most seq-len tokens)")
@@ -229,7 +235,7 @@ def run_benchmark(
     timing: dict[str, Any] = {}
     steps, variants = bench_steps(
         base, batches, names, args.rounds, args.steps_per_round, args.warmup, args.r, args.lora_dropout, device, dtype,
-        args.clock, log=timing.setdefault("steps", {}),
+        args.clock, log=timing.setdefault("steps", {}), optimizer_impl=args.optimizer_impl,
     )
     inference = None
     if not args.skip_inference:
@@ -260,7 +266,7 @@ def run_benchmark(
             "lora_alpha": 2 * args.r,
             "lora_dropout": args.lora_dropout,
             "targets": "all-linear, classifier trained in full (modules_to_save)",
-            "optimizer": "torch.optim.AdamW (defaults, lr 1e-4) on the trainable parameters",
+            "optimizer": f"torch.optim.AdamW (defaults, lr 1e-4, {args.optimizer_impl}) on the trainable parameters",
             "rounds": args.rounds,
             "steps_per_round": args.steps_per_round,
             "warmup": args.warmup,
