@@ -76,6 +76,19 @@ def merged_row_norm(merged: torch.Tensor) -> torch.Tensor:
     return row_sq_norm(merged).sqrt().to(merged.dtype)
 
 
+def _scale_grads(ctx, gy: torch.Tensor, z: torch.Tensor, mag_scale: torch.Tensor, norm: torch.Tensor):
+    """(db, dm, dn) of y = c ⊙ z + (...) + b with c = m / n: db = Σ_tokens gy, dm = Σ_tokens gy ⊙ z / n and
+    dn = -dm ⊙ c, each None where ``ctx`` needs no gradient."""
+    need_bias, need_m, need_n = (ctx.needs_input_grad[i] for i in (3, 6, 7))
+    grad_bias = gy.sum(0) if need_bias else None
+    grad_m = grad_n = None
+    if need_m or need_n:
+        grad_mn = torch.linalg.vecdot(gy, z, dim=0).div_(norm)
+        grad_m = grad_mn if need_m else None
+        grad_n = -grad_mn * mag_scale if need_n else None
+    return grad_bias, grad_m, grad_n
+
+
 class _DoraLinearFn(torch.autograd.Function):
     """y = (m / n) ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b in one node; n is the row norm (an input like any other).
 
@@ -93,25 +106,22 @@ class _DoraLinearFn(torch.autograd.Function):
         dx = gy W,  dx_d = gy (c ⊙ W - W) + dh A,  dm, dn, dB, dA as above with x_d in place of x
     (a trainable base layer takes the plain path instead).
 
-    With enough tokens (``merging_pays``) z = x Wᵀ and dx = gz W' use the merged W' = W + s B A, formed
+    With ``merged`` (the caller's ``merging_pays``) z = x Wᵀ and dx = gz W' use the merged W' = W + s B A, formed
     in the forward and again in the backward: no rank-sized pass for z or dx, and a ``norm`` of None is then
-    taken from W' itself (``merged_row_norm``, the detached norm).
+    taken from W' itself (``merged_row_norm``, the detached norm); without it ``norm`` must be given.
     Rank-sized products are computed with r leading, as in ``base._LowRankLinearFn``.
     """
 
     @staticmethod
-    def forward(ctx, x, x_branch, weight, bias, lora_A, lora_B, magnitude, norm, scaling, grad_enabled=True):
+    def forward(ctx, x, x_branch, weight, bias, lora_A, lora_B, magnitude, norm, scaling, merged, grad_enabled):
         x2 = x.reshape(-1, x.shape[-1])
         xb2 = x2 if x_branch is None else x_branch.reshape(-1, x_branch.shape[-1])
-        merged = merging_pays(x2.shape[0], weight)
         if merged:
             w_merged = merged_weight(weight, lora_A, lora_B, scaling)
             norm = merged_row_norm(w_merged) if norm is None else norm
             z = torch.mm(xb2, w_merged.t())
             h_t = rank_times_tokens(lora_A, xb2) if grad_enabled and ctx.needs_input_grad[5] else None  # for dB
         else:
-            if norm is None:
-                raise ValueError("the row norm is needed when the node does not merge the weight")
             h_t = rank_times_tokens(lora_A, xb2)
             z = torch.mm(xb2, weight.t())
             z.addmm_(h_t.t(), lora_B.t(), alpha=scaling)
@@ -131,20 +141,15 @@ class _DoraLinearFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x2, xb2, h_t, z, weight, lora_A, lora_B, mag_scale, norm = ctx.saved_tensors
-        need_x, need_xb, need_w, need_bias, need_a, need_b, need_m, need_n, _, _ = ctx.needs_input_grad
+        need_x, need_xb, need_w, _, need_a, need_b, *_ = ctx.needs_input_grad
         if xb2 is not None:
             return _DoraLinearFn._dropped_backward(ctx, grad_out, xb2, h_t, z, weight, lora_A, lora_B, mag_scale,
                                                    norm)
         x_shape = ctx.shapes[0]
         s = ctx.scaling
         gy = grad_out.reshape(-1, weight.shape[0])
-        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = grad_n = None
-        if need_m or need_n:
-            grad_mn = torch.linalg.vecdot(gy, z, dim=0).div_(norm)  # dL/dm; dL/dn = -dL/dm * m / n = -dL/dm * c
-            grad_m = grad_mn if need_m else None
-            grad_n = -grad_mn * mag_scale if need_n else None
-        if need_bias:
-            grad_bias = gy.sum(0)
+        grad_x = grad_w = grad_a = grad_b = None
+        grad_bias, grad_m, grad_n = _scale_grads(ctx, gy, z, mag_scale, norm)
         col = mag_scale.unsqueeze(1)
         fold = gy.shape[0] > weight.shape[1]  # scaling W (out, in) is cheaper than scaling gy (tokens, out)
         gz = gy if fold else gy * mag_scale
@@ -166,24 +171,19 @@ class _DoraLinearFn(torch.autograd.Function):
         if need_w:  # a frozen base never needs this; kept so the node is right for any inputs
             grad_w = torch.mm(gz.t(), x2)
             grad_w = grad_w * col if fold else grad_w
-        return grad_x, None, grad_w, grad_bias, grad_a, grad_b, grad_m, grad_n, None, None
+        return grad_x, None, grad_w, grad_bias, grad_a, grad_b, grad_m, grad_n, None, None, None
 
     @staticmethod
     def _dropped_backward(ctx, grad_out, xb2, h_t, z, weight, lora_A, lora_B, mag_scale, norm):
         """The backward with a separate dropped input x_d (``xb2``); c is folded into W and B throughout."""
-        need_x, need_xb, need_w, need_bias, need_a, need_b, need_m, need_n, _, _ = ctx.needs_input_grad
+        need_x, need_xb, need_w, _, need_a, need_b, *_ = ctx.needs_input_grad
         if need_w:
             raise RuntimeError("the fused DoRA node with dropout does not train the base weight")
         x_shape, xb_shape = ctx.shapes
         s = ctx.scaling
         gy = grad_out.reshape(-1, weight.shape[0])
-        grad_x = grad_xb = grad_bias = grad_a = grad_b = grad_m = grad_n = None
-        if need_m or need_n:
-            grad_mn = torch.linalg.vecdot(gy, z, dim=0).div_(norm)
-            grad_m = grad_mn if need_m else None
-            grad_n = -grad_mn * mag_scale if need_n else None
-        if need_bias:
-            grad_bias = gy.sum(0)
+        grad_x = grad_xb = grad_a = grad_b = None
+        grad_bias, grad_m, grad_n = _scale_grads(ctx, gy, z, mag_scale, norm)
         col = mag_scale.unsqueeze(1)
         if need_b:
             grad_b = rank_reduce_tokens(h_t, gy).t().mul_(col * s).contiguous()
@@ -200,7 +200,7 @@ class _DoraLinearFn(torch.autograd.Function):
             else:
                 grad_xb = torch.mm(gy, weight * (col - 1.0)).addmm_(dh_t.t(), lora_A)
             grad_xb = grad_xb.view(xb_shape)
-        return grad_x, grad_xb, None, grad_bias, grad_a, grad_b, grad_m, grad_n, None, None
+        return grad_x, grad_xb, None, grad_bias, grad_a, grad_b, grad_m, grad_n, None, None, None
 
 
 class DoraLinear(LowRankLinear):
@@ -263,11 +263,11 @@ class DoraLinear(LowRankLinear):
         base = self.base_layer
         if self.use_fused(x) and (self.dropout_is_identity or not base.weight.requires_grad):
             x_d = None if self.dropout_is_identity else self.dropout_input(x)
-            # the node takes the detached norm from the merged weight when it merges
-            norm_inside = self.detach_norm and merging_pays(x.numel() // x.shape[-1], base.weight)
-            norm = None if norm_inside else self.forward_norm()
+            merged = merging_pays(x.numel() // x.shape[-1], base.weight)
+            # merging, the node takes the detached norm from the merged weight itself
+            norm = None if merged and self.detach_norm else self.forward_norm()
             return _DoraLinearFn.apply(
-                x, x_d, base.weight, base.bias, self.lora_A, self.lora_B, self.magnitude, norm, self.scaling,
+                x, x_d, base.weight, base.bias, self.lora_A, self.lora_B, self.magnitude, norm, self.scaling, merged,
                 torch.is_grad_enabled(),
             )
         result = self.base_layer(x)
